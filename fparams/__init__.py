@@ -1,0 +1,54 @@
+"""fparams: functional parameters for PyTorch meta-learning.
+
+A module is split into an architecture and explicit parameter and buffer
+dicts; cloning, detaching and updating are pure dict transforms run through
+``torch.func.functional_call``. learn2learn's module API is kept as thin shims.
+"""
+
+from ._call import Architecture, split
+from ._dice import magic_box
+from ._module_api import (
+    clone_distribution,
+    clone_module,
+    detach_distribution,
+    detach_module,
+    update_module,
+)
+from ._transforms import (
+    apply_updates,
+    clone,
+    combine,
+    detach,
+    map_params,
+    partition,
+    sgd_step,
+    zeros_like,
+)
+from ._types import LR, Buffers, Filter, Grads, Params, Updates
+from ._version import __version__
+
+__all__ = [
+    "LR",
+    "Architecture",
+    "Buffers",
+    "Filter",
+    "Grads",
+    "Params",
+    "Updates",
+    "__version__",
+    "apply_updates",
+    "clone",
+    "clone_distribution",
+    "clone_module",
+    "combine",
+    "detach",
+    "detach_distribution",
+    "detach_module",
+    "magic_box",
+    "map_params",
+    "partition",
+    "sgd_step",
+    "split",
+    "update_module",
+    "zeros_like",
+]

@@ -1,0 +1,252 @@
+"""learn2learn's module API as thin shims over the engine.
+
+``clone_module``, ``detach_module`` and ``update_module`` keep learn2learn
+0.2's names, signatures and behaviour. Each one takes the module's state
+(:func:`fparams.split`), transforms it as dicts or tensor by tensor, and writes
+the result back: into a structural copy (``clone_module``) or, as the API
+documents, into the module itself (``detach_module``, ``update_module``).
+Where learn2learn prints and carries on, these raise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+from torch import Tensor, nn
+from torch.distributions import Distribution
+from torch.distributions.transforms import Transform
+
+from ._state import TensorMemo, rebuild, rewrite
+
+
+def _clone_param(name: str, t: Tensor) -> Tensor:
+    return t.clone()
+
+
+def _clone_buffer(name: str, t: Tensor) -> Tensor:
+    # Buffers outside the graph (running statistics) are shared, as in learn2learn.
+    return t.clone() if t.requires_grad else t
+
+
+def clone_module(module: Any, memo: Optional[TensorMemo] = None) -> Any:
+    """A copy of ``module`` whose parameters are ``clone()``s still in the graph.
+
+    Gradients taken through the clone reach the original's parameters. Tied
+    parameters stay tied; buffers that require grad are cloned, the others are
+    shared with the original; a submodule reachable twice is copied once; RNN
+    flat weights point at the cloned tensors. A value that is not a Module
+    (``None`` in a ModuleList, say) is returned as it is. The original module
+    is not changed.
+
+    Args:
+        module: the module to clone.
+        memo: optional ``{id(tensor): (tensor, clone)}`` shared between calls,
+            to keep tensors tied across several cloned modules.
+
+    Example:
+        >>> import torch, fparams
+        >>> net = torch.nn.Sequential(torch.nn.Linear(20, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
+        >>> clone = fparams.clone_module(net)
+        >>> clone(torch.randn(5, 20)).pow(2).mean().backward()
+        >>> net[0].weight.grad is not None
+        True
+    """
+    if not isinstance(module, nn.Module):
+        return module
+    return rebuild(module, _clone_param, _clone_buffer, memo)
+
+
+def _detacher(keep_requires_grad: bool) -> Callable[[str, Tensor], Tensor]:
+    def detach(name: str, t: Tensor) -> Tensor:
+        if not t.requires_grad:
+            return t
+        flag = keep_requires_grad
+        if isinstance(t, nn.Parameter):
+            return nn.Parameter(t.detach(), requires_grad=flag)
+        return t.detach().requires_grad_(flag)
+
+    return detach
+
+
+def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
+    """Detach every parameter, and every buffer that requires grad, in place.
+
+    The module's tensor slots are replaced by detached tensors (sharing
+    storage); nothing is returned. With ``keep_requires_grad=True`` the
+    detached tensors require grad where the old ones did, so the module starts
+    a fresh graph.
+
+    Example:
+        >>> import torch, fparams
+        >>> net = torch.nn.Linear(20, 2)
+        >>> clone = fparams.clone_module(net)
+        >>> fparams.detach_module(clone)
+        >>> clone.weight.requires_grad
+        False
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"detach_module: `module` must be a torch.nn.Module; got {type(module).__name__}.")
+    detach = _detacher(keep_requires_grad)
+    rewrite(module, detach, detach)
+
+
+def _check_updates(module: nn.Module, updates: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
+    named = list(module.named_parameters())
+    if len(updates) != len(named):
+        raise ValueError(
+            f"update_module: got {len(updates)} updates for {len(named)} parameters; "
+            f"give one update (or None) per tensor of module.parameters(), in that order."
+        )
+    found: Dict[int, Tensor] = {}
+    for (name, p), u in zip(named, updates):
+        if u is None:
+            continue
+        if not isinstance(u, Tensor):
+            raise TypeError(
+                f"update_module: the update for parameter {name!r} is a "
+                f"{type(u).__name__}; updates must be tensors (or None to skip)."
+            )
+        if u.shape != p.shape:
+            raise ValueError(
+                f"update_module: the update for parameter {name!r} has shape "
+                f"{tuple(u.shape)} but the parameter has shape {tuple(p.shape)}."
+            )
+        found[id(p)] = u
+    return found
+
+
+def _add_update_attr(name: str, t: Tensor) -> Tensor:
+    u = getattr(t, "update", None)
+    return t if u is None else t + u
+
+
+def update_module(
+    module: nn.Module,
+    updates: Optional[Sequence[Optional[Tensor]]] = None,
+    memo: Optional[TensorMemo] = None,
+) -> nn.Module:
+    """Replace each parameter ``p`` by ``p + u``, in place, keeping the graph.
+
+    ``updates`` has one tensor (or ``None``, to skip) per tensor of
+    ``module.parameters()``, in that order. With ``updates=None`` the
+    ``.update`` attribute learn2learn's API places on parameters and buffers is
+    used instead. Tied parameters stay tied and RNN flat weights are
+    refreshed. Returns the module.
+
+    Raises:
+        ValueError: the number of updates differs from the number of
+            parameters, or an update's shape differs from its parameter's.
+        TypeError: an update is neither a tensor nor ``None``.
+
+    Example:
+        >>> import torch, fparams
+        >>> model = torch.nn.Linear(3, 1)
+        >>> error = model(torch.randn(4, 3)).pow(2).mean()
+        >>> grads = torch.autograd.grad(error, model.parameters(), create_graph=True)
+        >>> model = fparams.update_module(model, updates=[-0.1 * g for g in grads])
+        >>> model.weight.grad_fn is not None
+        True
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"update_module: `module` must be a torch.nn.Module; got {type(module).__name__}.")
+    if updates is None:
+        rewrite(module, _add_update_attr, _add_update_attr, memo)
+        return module
+    if isinstance(updates, Tensor):
+        raise TypeError(
+            "update_module: `updates` must be a list with one tensor per parameter; "
+            "got a single tensor. Wrap it in a list: updates=[u]."
+        )
+    found = _check_updates(module, list(updates))
+
+    def param(name: str, t: Tensor) -> Tensor:
+        u = found.get(id(t))
+        return t if u is None else t + u
+
+    rewrite(module, param, _add_update_attr, memo)
+    return module
+
+
+# -- distributions ---------------------------------------------------------
+
+_Memo = Dict[int, Tuple[Any, Any]]
+
+
+def _clone_value(value: Any, memo: _Memo) -> Any:
+    hit = memo.get(id(value))
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    if isinstance(value, Tensor):
+        new: Any = value.clone() if value.requires_grad else value
+    elif isinstance(value, nn.Module):
+        new = clone_module(value)
+    elif isinstance(value, (Distribution, Transform)):
+        new = value.__new__(type(value))
+        new.__dict__ = {k: _clone_value(v, memo) for k, v in value.__dict__.items()}
+    elif isinstance(value, (list, tuple)):
+        new = type(value)(_clone_value(v, memo) for v in value)
+    else:
+        return value
+    memo[id(value)] = (value, new)
+    return new
+
+
+def clone_distribution(dist: Distribution) -> Distribution:
+    """A copy of a ``torch.distributions`` object that stays in the graph.
+
+    Tensors that require grad are cloned; modules are cloned with
+    :func:`clone_module`; nested distributions and transforms (and lists of
+    them) are cloned recursively. The original is not changed.
+
+    Example:
+        >>> import torch, fparams
+        >>> loc = torch.zeros(2, requires_grad=True)
+        >>> d = fparams.clone_distribution(torch.distributions.Normal(loc, 1.0))
+        >>> d.log_prob(torch.ones(2)).sum().backward(); loc.grad
+        tensor([1., 1.])
+    """
+    if not isinstance(dist, Distribution):
+        raise TypeError(
+            f"clone_distribution: `dist` must be a torch.distributions.Distribution; "
+            f"got {type(dist).__name__}."
+        )
+    return _clone_value(dist, {})
+
+
+def _detach_value(value: Any, seen: Dict[int, Any]) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach() if value.requires_grad else value
+    if id(value) in seen:
+        return value
+    if isinstance(value, nn.Module):
+        seen[id(value)] = value
+        detach_module(value)
+    elif isinstance(value, (Distribution, Transform)):
+        seen[id(value)] = value
+        for k, v in list(value.__dict__.items()):
+            value.__dict__[k] = _detach_value(v, seen)
+    elif isinstance(value, (list, tuple)):
+        return type(value)(_detach_value(v, seen) for v in value)
+    return value
+
+
+def detach_distribution(dist: Distribution) -> Distribution:
+    """Detach a ``torch.distributions`` object from the graph, in place.
+
+    Tensors that require grad are replaced by detached ones, modules are
+    detached with :func:`detach_module` (and kept), nested distributions and
+    transforms are detached recursively. Returns ``dist``.
+
+    Example:
+        >>> import torch, fparams
+        >>> loc = torch.zeros(2, requires_grad=True)
+        >>> d = fparams.detach_distribution(torch.distributions.Normal(loc * 2, 1.0))
+        >>> d.loc.requires_grad
+        False
+    """
+    if not isinstance(dist, Distribution):
+        raise TypeError(
+            f"detach_distribution: `dist` must be a torch.distributions.Distribution; "
+            f"got {type(dist).__name__}."
+        )
+    return _detach_value(dist, {})

@@ -1,0 +1,138 @@
+"""Split a module into its tensors, and write tensors back into a module tree.
+
+This is the only layer that knows how an ``nn.Module`` stores its state
+(``_parameters``, ``_buffers``, ``_modules``). Everything above it works on
+plain dicts.
+
+Two traversals live here, and both visit modules and tensors in exactly the
+order of ``named_modules()`` / ``named_parameters()``, so the first name a
+tensor is reached under is the name it has in the dicts:
+
+* :func:`rebuild` makes a structural copy of the tree (each module shallow
+  copied once, shared submodules stay shared) and fills every tensor slot with
+  a replacement;
+* :func:`rewrite` fills the slots of the existing tree in place.
+
+Both call the replacement function once per tensor *object*, so tied tensors
+stay tied, and both refresh the flat-weight lists of RNN modules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+from torch import Tensor, nn
+
+from ._types import Buffers, Params
+
+#: ``fn(name, tensor) -> tensor``: the replacement for one tensor slot.
+Replace = Callable[[str, Tensor], Tensor]
+#: Tensors already replaced: ``id(original) -> (original, replacement)``. The
+#: original is kept so that an id can never be recycled while the memo lives.
+TensorMemo = Dict[int, Tuple[Tensor, Tensor]]
+
+
+def state_dicts(module: nn.Module) -> Tuple[Params, Buffers]:
+    """The module's own parameter and buffer tensors, keyed by dotted name.
+
+    A tensor reachable under several names (tied weights) appears once, under
+    the first name ``named_parameters()`` gives it.
+    """
+    return dict(module.named_parameters()), dict(module.named_buffers())
+
+
+def _replace(memo: TensorMemo, fn: Replace, name: str, t: Tensor) -> Tensor:
+    hit = memo.get(id(t))
+    if hit is not None and hit[0] is t:
+        return hit[1]
+    new = fn(name, t)
+    memo[id(t)] = (t, new)
+    return new
+
+
+def _refresh_rnn(module: nn.Module) -> None:
+    # RNNBase keeps a list of its weights next to ``_parameters`` and runs on
+    # that list. Rebuild it from the slots; deliberately skip
+    # ``flatten_parameters()``, which on cuDNN would copy the weights into one
+    # buffer in place and cut them out of the autograd graph.
+    if isinstance(module, nn.RNNBase):
+        slots = module._parameters
+        weights = [slots.get(n) for n in module._flat_weights_names]
+        module.__dict__["_flat_weights"] = weights
+        module.__dict__["_flat_weight_refs"] = []
+
+
+def _fill(
+    module: nn.Module,
+    prefix: str,
+    params: Replace,
+    buffers: Replace,
+    memo: TensorMemo,
+) -> None:
+    slots: Dict[str, Optional[Tensor]] = module._parameters  # type: ignore[assignment]
+    for key, t in slots.items():
+        if t is not None:
+            slots[key] = _replace(memo, params, prefix + key, t)
+    bslots: Dict[str, Optional[Tensor]] = module._buffers
+    for key, t in bslots.items():
+        if t is not None:
+            bslots[key] = _replace(memo, buffers, prefix + key, t)
+    _refresh_rnn(module)
+
+
+def rebuild(
+    module: nn.Module,
+    params: Replace,
+    buffers: Replace,
+    memo: Optional[TensorMemo] = None,
+) -> nn.Module:
+    """A structural copy of ``module`` whose tensor slots hold replacements.
+
+    Every module of the tree is shallow-copied once (its ``__dict__`` and slot
+    dicts are new, everything else is shared); ``params(name, t)`` and
+    ``buffers(name, t)`` give the tensor for each slot. The original tree is
+    not touched.
+    """
+    modules: Dict[int, nn.Module] = {}
+    return _copy(module, "", params, buffers, memo if memo is not None else {}, modules)
+
+
+def _copy(
+    module: nn.Module,
+    prefix: str,
+    params: Replace,
+    buffers: Replace,
+    memo: TensorMemo,
+    modules: Dict[int, nn.Module],
+) -> nn.Module:
+    seen = modules.get(id(module))
+    if seen is not None:
+        return seen
+    new = module.__new__(type(module))
+    state = module.__dict__.copy()
+    state["_parameters"] = module._parameters.copy()
+    state["_buffers"] = module._buffers.copy()
+    state["_modules"] = children = module._modules.copy()
+    new.__dict__ = state
+    modules[id(module)] = new
+    _fill(new, prefix, params, buffers, memo)
+    for key, child in children.items():
+        if child is not None:
+            children[key] = _copy(child, prefix + key + ".", params, buffers, memo, modules)
+    return new
+
+
+def rewrite(
+    module: nn.Module,
+    params: Replace,
+    buffers: Replace,
+    memo: Optional[TensorMemo] = None,
+) -> None:
+    """Replace the tensors in ``module``'s own slots, in place.
+
+    This is the one place fparams changes a module; only the learn2learn
+    shims (``update_module``, ``detach_module``) call it.
+    """
+    memo = memo if memo is not None else {}
+    for prefix, m in module.named_modules():
+        _fill(m, prefix + "." if prefix else "", params, buffers, memo)
