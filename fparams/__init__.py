@@ -6,7 +6,11 @@ dicts; cloning, detaching and updating are pure dict transforms run through
 """
 
 from ._call import Architecture, split
+from ._compile import CompileFallbackWarning
+from ._compile import compile_fallback as compile
 from ._dice import magic_box
+from ._inner import adapt
+from ._maml import MAML, MetaSGD
 from ._module_api import (
     clone_distribution,
     clone_module,
@@ -14,6 +18,8 @@ from ._module_api import (
     detach_module,
     update_module,
 )
+from ._norms import exact_norms
+from ._tasks import map_tasks, meta_value_and_grad, stack_tasks
 from ._transforms import (
     apply_updates,
     clone,
@@ -29,26 +35,35 @@ from ._version import __version__
 
 __all__ = [
     "LR",
+    "MAML",
     "Architecture",
+    "CompileFallbackWarning",
+    "MetaSGD",
     "Buffers",
     "Filter",
     "Grads",
     "Params",
     "Updates",
     "__version__",
+    "adapt",
     "apply_updates",
     "clone",
     "clone_distribution",
     "clone_module",
     "combine",
+    "compile",
     "detach",
     "detach_distribution",
     "detach_module",
+    "exact_norms",
     "magic_box",
     "map_params",
+    "map_tasks",
+    "meta_value_and_grad",
     "partition",
     "sgd_step",
     "split",
+    "stack_tasks",
     "update_module",
     "zeros_like",
 ]

@@ -1,0 +1,200 @@
+"""learn2learn-style MAML and Meta-SGD wrappers, built on the module shims.
+
+These keep learn2learn 0.2's signatures for code that loops over tasks:
+``learner = maml.clone(); learner.adapt(loss); learner(x)``. For a whole
+meta-batch in one vectorised call use :func:`fparams.adapt` with
+:func:`fparams.map_tasks` instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ._inner import is_optimizer
+from ._module_api import clone_module, update_module
+
+
+def _grads(
+    where: str,
+    module: nn.Module,
+    loss: Tensor,
+    second_order: bool,
+    allow_unused: bool,
+    allow_nograd: bool,
+) -> List[Optional[Tensor]]:
+    params = list(module.parameters())
+    wanted = [p for p in params if p.requires_grad] if allow_nograd else params
+    try:
+        found = torch.autograd.grad(
+            loss,
+            wanted,
+            retain_graph=second_order,
+            create_graph=second_order,
+            allow_unused=allow_unused,
+        )
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"{where}: could not differentiate the loss with respect to every parameter of the "
+            f"module ({err}). If some parameters do not require grad, pass allow_nograd=True; "
+            f"if some do not take part in the loss, pass allow_unused=True."
+        ) from err
+    if not allow_nograd:
+        return list(found)
+    it = iter(found)
+    return [next(it) if p.requires_grad else None for p in params]
+
+
+class MAML(nn.Module):
+    """Model-Agnostic Meta-Learning (Finn et al. 2017), learn2learn's API.
+
+    Args:
+        model: the module to meta-learn.
+        lr: the inner-loop learning rate (a number or tensor), or an
+            ``fparams.optim`` optimizer for a differentiable inner optimizer.
+        first_order: use first-order MAML (no gradients through the inner
+            gradients).
+        allow_unused: allow parameters the loss does not use (they get no
+            update); defaults to ``allow_nograd``.
+        allow_nograd: skip parameters with ``requires_grad=False``.
+
+    Example:
+        >>> import torch, fparams
+        >>> maml = fparams.MAML(torch.nn.Linear(2, 1), lr=0.1)
+        >>> learner = maml.clone()
+        >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+        >>> learner.adapt((learner(x) - y).pow(2).mean())
+        >>> (learner(x) - y).pow(2).mean().backward()  # meta-gradient into maml
+        >>> maml.module.weight.grad is not None
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: Any,
+        first_order: bool = False,
+        allow_unused: Optional[bool] = None,
+        allow_nograd: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MAML: `model` must be a torch.nn.Module; got {type(model).__name__}.")
+        self.module = model
+        self.lr = lr
+        self.first_order = first_order
+        self.allow_nograd = allow_nograd
+        self.allow_unused = allow_nograd if allow_unused is None else allow_unused
+        self._opt_state: Any = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def adapt(
+        self,
+        loss: Tensor,
+        first_order: Optional[bool] = None,
+        allow_unused: Optional[bool] = None,
+        allow_nograd: Optional[bool] = None,
+    ) -> None:
+        """One differentiable gradient step of ``self.module`` on ``loss``, in place."""
+        first_order = self.first_order if first_order is None else first_order
+        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        if allow_unused is None:
+            allow_unused = self.allow_unused or allow_nograd
+        grads = _grads("MAML.adapt", self.module, loss, not first_order, allow_unused, allow_nograd)
+        if is_optimizer(self.lr):
+            updates = self._optimizer_updates(grads)
+        else:
+            updates = [None if g is None else -self.lr * g for g in grads]
+        self.module = update_module(self.module, updates=updates)
+
+    def _optimizer_updates(self, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
+        named = [(str(i), p) for i, p in enumerate(self.module.parameters())]
+        params = {k: p for (k, p), g in zip(named, grads) if g is not None}
+        given = {k: g for (k, _), g in zip(named, grads) if g is not None}
+        if self._opt_state is None:
+            self._opt_state = self.lr.init(params)
+        updates, self._opt_state = self.lr.update(given, self._opt_state, params)
+        return [updates.get(k) for k, _ in named]
+
+    def clone(
+        self,
+        first_order: Optional[bool] = None,
+        allow_unused: Optional[bool] = None,
+        allow_nograd: Optional[bool] = None,
+    ) -> MAML:
+        """A learner whose module is :func:`fparams.clone_module` of this one."""
+        return MAML(
+            clone_module(self.module),
+            lr=self.lr,
+            first_order=self.first_order if first_order is None else first_order,
+            allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+            allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd,
+        )
+
+
+class MetaSGD(nn.Module):
+    """Meta-SGD (Li et al. 2017): MAML with one learned rate per parameter entry.
+
+    ``lrs`` holds one rate tensor per tensor of ``model.parameters()``
+    (initialised to ``lr``); the rates receive meta-gradients. Tied
+    parameters are one tensor of ``parameters()``, so they share one rate and
+    stay tied.
+
+    Example:
+        >>> import torch, fparams
+        >>> meta = fparams.MetaSGD(torch.nn.Linear(2, 1), lr=0.1)
+        >>> learner = meta.clone()
+        >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+        >>> learner.adapt((learner(x) - y).pow(2).mean())
+        >>> (learner(x) - y).pow(2).mean().backward()
+        >>> meta.lrs[0].grad is not None
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1.0,
+        first_order: bool = False,
+        lrs: Optional[Sequence[Tensor]] = None,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MetaSGD: `model` must be a torch.nn.Module; got {type(model).__name__}.")
+        self.module = model
+        params = list(model.parameters())
+        if lrs is None:
+            rates: Sequence[Tensor] = nn.ParameterList(  # type: ignore[assignment]
+                [nn.Parameter(torch.ones_like(p) * lr) for p in params]
+            )
+        elif len(lrs) != len(params):
+            raise ValueError(
+                f"MetaSGD: got {len(lrs)} learning-rate tensors for {len(params)} parameters; "
+                f"give one per tensor of model.parameters()."
+            )
+        else:
+            rates = lrs
+        self.lrs = rates
+        self.first_order = first_order
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def clone(self) -> MetaSGD:
+        """A learner with a cloned module and cloned rates, still in the graph."""
+        return MetaSGD(
+            clone_module(self.module),
+            lrs=[lr.clone() for lr in self.lrs],
+            first_order=self.first_order,
+        )
+
+    def adapt(self, loss: Tensor, first_order: Optional[bool] = None) -> None:
+        """One step ``p - lr * g`` with the learned rates, in place."""
+        first_order = self.first_order if first_order is None else first_order
+        grads = _grads("MetaSGD.adapt", self.module, loss, not first_order, False, False)
+        updates = [None if g is None else -lr * g for lr, g in zip(self.lrs, grads)]
+        self.module = update_module(self.module, updates=updates)

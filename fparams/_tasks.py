@@ -1,0 +1,220 @@
+"""Run a per-task function over a batch of tasks: vmap, a loop, or vmap in chunks."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from ._compile import compile_fallback
+from ._norms import exact_norms
+from ._types import Params, TensorDict
+
+STRATEGIES = ("auto", "vmap", "loop", "chunked")
+RANDOMNESS = ("error", "different", "same")
+
+
+def _num_tasks(where: str, batches: Sequence[Any]) -> int:
+    sizes: List[Tuple[str, int]] = []
+    for i, batch in enumerate(batches):
+        for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
+            if not isinstance(leaf, Tensor):
+                continue
+            label = f"task_batches[{i}]{pytree.keystr(path)}"
+            if leaf.dim() == 0:
+                raise ValueError(
+                    f"{where}: {label} is a 0-dim tensor, but every task argument needs the "
+                    f"tasks on dim 0. Pass values shared by all tasks through the function's "
+                    f"closure or as params."
+                )
+            sizes.append((label, leaf.size(0)))
+    if not sizes:
+        raise ValueError(f"{where}: no task argument holds a tensor, so there are no tasks to map over.")
+    counts = {n for _, n in sizes}
+    if len(counts) > 1:
+        shown = ", ".join(f"{label}: {n}" for label, n in sizes)
+        raise ValueError(f"{where}: the task arguments disagree on the number of tasks (dim 0): {shown}.")
+    return sizes[0][1]
+
+
+def _stack(outputs: List[Any]) -> Any:
+    flat, spec = zip(*(pytree.tree_flatten(o) for o in outputs))
+    if any(s != spec[0] for s in spec):
+        raise ValueError("fparams.map_tasks: the function returned differently structured outputs per task.")
+    columns = zip(*flat)
+    return pytree.tree_unflatten([torch.stack(list(col)) for col in columns], spec[0])
+
+
+def choose_strategy(num_tasks: int) -> str:
+    """The ``"auto"`` strategy: vmap, except for a single task.
+
+    Measured in ``benchmarks/bench_tasks.py``: vmap wins by a wide margin on
+    every workload with more than one task; with one task the loop avoids
+    vmap's per-op batching overhead.
+    """
+    return "loop" if num_tasks == 1 else "vmap"
+
+
+def map_tasks(
+    fn: Callable[..., Any],
+    *,
+    strategy: str = "auto",
+    chunk_size: Optional[int] = None,
+    randomness: str = "error",
+    batch_stats: bool = False,
+) -> Callable[..., Any]:
+    """Lift a per-task function to a batch of tasks.
+
+    ``map_tasks(fn)(params, *task_batches)`` calls ``fn(params, *task)`` for
+    every task, where ``params`` is shared (broadcast) and every other argument
+    (a tensor or a pytree of tensors, such as a dict of per-task buffers)
+    holds the tasks on dim 0. The per-task outputs (tensors or pytrees of
+    tensors) come back stacked on dim 0. Gradients flow to ``params`` whether
+    you call ``.backward()`` on the result or take ``torch.func.grad`` of a
+    function that uses it.
+
+    Normalization layers run under :class:`fparams.exact_norms`, so their
+    meta-gradients are exact with every strategy.
+
+    Args:
+        fn: ``fn(params, *task) -> output`` for one task.
+        strategy: ``"vmap"`` (one vectorised call), ``"loop"`` (one call per
+            task), ``"chunked"`` (vmap over ``chunk_size`` tasks at a time, to
+            bound memory) or ``"auto"`` (vmap, or the loop for a single task).
+            All give the same numbers, up to float rounding.
+        chunk_size: tasks per vmap call; required for ``"chunked"``, and with
+            ``"auto"`` it selects ``"chunked"``.
+        randomness: vmap's ``randomness`` for random ops such as dropout:
+            ``"error"``, ``"different"`` (independent draws per task) or
+            ``"same"`` (one draw shared by all tasks). The loop strategy draws
+            per task in order, so random values differ between strategies.
+        batch_stats: batch normalization uses the statistics of each task's
+            batch and never updates running statistics.
+
+    Example:
+        >>> import torch, fparams
+        >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
+        >>> mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()
+        >>> def task_loss(p, xs, ys, xq, yq):
+        ...     return mse(fparams.adapt(mse, p, xs, ys, lr=0.1), xq, yq)
+        >>> xs, ys, xq, yq = (torch.randn(4, 5, 1) for _ in range(4))
+        >>> fparams.map_tasks(task_loss)(params, xs, ys, xq, yq).shape
+        torch.Size([4])
+    """
+    where = "fparams.map_tasks"
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{where}: `strategy` must be one of {STRATEGIES}; got {strategy!r}.")
+    if randomness not in RANDOMNESS:
+        raise ValueError(f"{where}: `randomness` must be one of {RANDOMNESS}; got {randomness!r}.")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
+    ):
+        raise ValueError(f"{where}: `chunk_size` must be a positive int or None; got {chunk_size!r}.")
+    if strategy == "chunked" and chunk_size is None:
+        raise ValueError(f"{where}: strategy='chunked' needs `chunk_size` (tasks per vmap call).")
+    if strategy in ("vmap", "loop") and chunk_size is not None:
+        raise ValueError(
+            f"{where}: `chunk_size` only applies to strategy='chunked' or 'auto'; got "
+            f"strategy={strategy!r} with chunk_size={chunk_size}."
+        )
+
+    def run(params: Any, *task_batches: Any) -> Any:
+        if not task_batches:
+            raise TypeError(
+                f"{where}: call the mapped function as f(params, *task_batches); no task batch was given."
+            )
+        n = _num_tasks(where, task_batches)
+        chosen = strategy
+        if chosen == "auto":
+            chosen = "chunked" if chunk_size is not None else choose_strategy(n)
+        with exact_norms(batch_stats):
+            if chosen == "loop":
+                return _loop(fn, params, task_batches, n)
+            mapped = torch.func.vmap(
+                fn,
+                in_dims=(None,) + (0,) * len(task_batches),
+                randomness=randomness,
+                chunk_size=chunk_size if chosen == "chunked" else None,
+            )
+            return mapped(params, *task_batches)
+
+    run.__doc__ = f"map_tasks({getattr(fn, '__name__', 'fn')}): call as f(params, *task_batches)."
+    return run
+
+
+def _loop(fn: Callable[..., Any], params: Any, batches: Sequence[Any], n: int) -> Any:
+    def task(i: int) -> List[Any]:
+        return [pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, b) for b in batches]
+
+    return _stack([fn(params, *task(i)) for i in range(n)])
+
+
+def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
+    """One private copy of every tensor per task, stacked on a new dim 0.
+
+    Use it to give each task its own BatchNorm running statistics: pass the
+    result to the mapped function as a task argument, and return the updated
+    buffers from it.
+
+    Example:
+        >>> import torch, fparams
+        >>> fparams.stack_tasks({"running_mean": torch.zeros(3)}, 4)["running_mean"].shape
+        torch.Size([4, 3])
+    """
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"fparams.stack_tasks: `num_tasks` must be an int >= 1; got {num_tasks!r}.")
+    return {k: t.detach().unsqueeze(0).repeat(num_tasks, *([1] * t.dim())) for k, t in tensors.items()}
+
+
+def meta_value_and_grad(
+    task_fn: Callable[..., Any],
+    *,
+    has_aux: bool = False,
+    strategy: str = "auto",
+    chunk_size: Optional[int] = None,
+    randomness: str = "error",
+    batch_stats: bool = False,
+    compile: bool = False,
+) -> Callable[..., Any]:
+    """The whole meta-step as one pure call: mean task loss and its gradient.
+
+    Returns ``step(params, *task_batches) -> (loss, grads)`` (with
+    ``has_aux=True``, ``task_fn`` returns ``(loss, aux)`` and ``step`` gives
+    ``((loss, stacked_aux), grads)``). ``grads`` has the keys of ``params``
+    (any pytree of tensors works). The tasks are mapped with
+    :func:`map_tasks` and its options. With ``compile=True`` the step runs
+    through :func:`fparams.compile`, which falls back to eager with a warning
+    where compilation fails.
+
+    Example:
+        >>> import torch, fparams
+        >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
+        >>> mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()
+        >>> step = fparams.meta_value_and_grad(
+        ...     lambda p, xs, ys, xq, yq: mse(fparams.adapt(mse, p, xs, ys, lr=0.1), xq, yq))
+        >>> loss, grads = step(params, *(torch.randn(4, 5, 1) for _ in range(4)))
+        >>> sorted(grads)
+        ['bias', 'weight']
+    """
+    mapped = map_tasks(
+        task_fn, strategy=strategy, chunk_size=chunk_size, randomness=randomness, batch_stats=batch_stats
+    )
+
+    def objective(params: Any, *task_batches: Any) -> Any:
+        out = mapped(params, *task_batches)
+        if has_aux:
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise ValueError(
+                    "fparams.meta_value_and_grad: has_aux=True needs task_fn to return (loss, aux)."
+                )
+            return out[0].mean(), out[1]
+        return out.mean()
+
+    def step(params: Any, *task_batches: Any) -> Any:
+        grads, value = torch.func.grad_and_value(objective, has_aux=has_aux)(params, *task_batches)
+        return value, grads
+
+    return compile_fallback(step) if compile else step
