@@ -19,6 +19,7 @@ stay tied, and both refresh the flat-weight lists of RNN modules.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Dict, Optional, Tuple
 
 from torch import Tensor, nn
@@ -59,7 +60,9 @@ def _refresh_rnn(module: nn.Module) -> None:
         slots = module._parameters
         weights = [slots.get(n) for n in module._flat_weights_names]
         module.__dict__["_flat_weights"] = weights
-        module.__dict__["_flat_weight_refs"] = []
+        # forward() compares these weak references with the slots (strictly, one
+        # per name) to notice swapped weights; an empty list makes it raise.
+        module.__dict__["_flat_weight_refs"] = [None if w is None else weakref.ref(w) for w in weights]
 
 
 def _fill(
