@@ -184,6 +184,12 @@ def combine(*dicts: TensorDict) -> Dict[str, Tensor]:
 
 
 def zeros_like(tensors: TensorDict) -> Dict[str, Tensor]:
-    """A dict of zeros shaped like ``tensors`` (a starting state for updates)."""
+    """A dict of zeros shaped like ``tensors`` (a starting state for updates).
+
+    Example:
+        >>> import torch, fparams
+        >>> fparams.zeros_like({"w": torch.ones(2)})
+        {'w': tensor([0., 0.])}
+    """
     _check_dict("fparams.zeros_like", "tensors", tensors)
     return {k: torch.zeros_like(t) for k, t in tensors.items()}
