@@ -7,7 +7,7 @@ from typing import Any, FrozenSet, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._state import rebuild, state_dicts
+from ._state import _refresh_rnn, rebuild, state_dicts
 from ._types import Buffers, Params, TensorDict
 
 
@@ -43,12 +43,13 @@ class Architecture:
         torch.Size([2, 1])
     """
 
-    __slots__ = ("module", "param_names", "buffer_names")
+    __slots__ = ("module", "param_names", "buffer_names", "_rnns")
 
     def __init__(self, module: nn.Module, param_names: FrozenSet[str], buffer_names: FrozenSet[str]):
         self.module = module
         self.param_names = param_names
         self.buffer_names = buffer_names
+        self._rnns = tuple(m for m in module.modules() if isinstance(m, nn.RNNBase))
 
     def __repr__(self) -> str:
         return f"Architecture({self.module!r})"
@@ -65,7 +66,16 @@ class Architecture:
     ) -> Any:
         self.check(params, buffers)
         state = dict(params) if buffers is None else {**params, **buffers}
-        return torch.func.functional_call(self.module, state, args, kwargs)
+        if not self._rnns:
+            return torch.func.functional_call(self.module, state, args, kwargs)
+        try:
+            return torch.func.functional_call(self.module, state, args, kwargs)
+        finally:
+            # functional_call leaves an RNN's flat-weight list holding the
+            # tensors of this call (and their graph) until the module's next
+            # forward; point it back at the module's own weights.
+            for rnn in self._rnns:
+                _refresh_rnn(rnn)
 
     def bind(self, params: TensorDict, buffers: Optional[TensorDict] = None) -> nn.Module:
         """A structural copy of the module tree holding these tensors.

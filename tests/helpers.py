@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, NamedTuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set
 
 import torch
 from torch import Tensor, nn
@@ -69,3 +69,200 @@ def flat_weights_follow_slots(module: nn.Module) -> List[str]:
                 if w is not m._parameters[name]:
                     bad.append(f"{prefix}.{name}" if prefix else name)
     return bad
+
+
+# -- small networks, each with an input maker ------------------------------------
+
+
+class RecurrentNet(nn.Module):
+    """A two-layer RNN / LSTM / GRU with a linear head on the last step."""
+
+    def __init__(self, cell: type, num_layers: int = 2, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.rnn = cell(4, 5, num_layers=num_layers, bidirectional=bidirectional)
+        self.head = nn.Linear(5 * (2 if bidirectional else 1), 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[-1])
+
+
+class TiedNet(nn.Module):
+    """An embedding whose weight is also the output layer's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(6, 4)
+        self.hidden = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 6, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.hidden(self.embed(idx))))
+
+
+class GradBufferNet(nn.Module):
+    """A linear layer scaled by a buffer that requires grad."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 2).requires_grad_())
+        self.register_buffer("count", torch.tensor(0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x) * self.scale
+
+
+def _shared() -> nn.Module:
+    block = nn.Linear(4, 4)
+    return nn.Sequential(block, nn.Tanh(), block, nn.Linear(4, 2))
+
+
+def _frozen() -> nn.Module:
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    net[0].weight.requires_grad_(False)
+    return net
+
+
+NETS = {
+    "mlp": lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)),
+    "batchnorm": lambda: nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)),
+    "layernorm": lambda: nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)),
+    "conv": lambda: nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)
+    ),
+    "tied": TiedNet,
+    "shared": _shared,
+    "frozen": _frozen,
+    "grad-buffer": GradBufferNet,
+    "rnn": lambda: RecurrentNet(nn.RNN),
+    "lstm": lambda: RecurrentNet(nn.LSTM, bidirectional=True),
+    "gru": lambda: RecurrentNet(nn.GRU),
+}
+
+
+def make_net(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return NETS[name]().to(dtype)
+
+
+def make_input(name: str, seed: int = 1, dtype: torch.dtype = torch.float32) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if name == "tied":
+        return torch.randint(0, 6, (5,), generator=g)
+    if name == "conv":
+        return torch.randn(3, 1, 6, 6, generator=g, dtype=dtype)
+    if name in ("rnn", "lstm", "gru"):
+        return torch.randn(3, 2, 4, generator=g, dtype=dtype)
+    return torch.randn(5, 4, generator=g, dtype=dtype)
+
+
+def make_target(name: str, seed: int = 2, dtype: torch.dtype = torch.float32) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    rows = {"tied": 5, "conv": 3, "rnn": 2, "lstm": 2, "gru": 2}.get(name, 5)
+    cols = 6 if name == "tied" else 2
+    return torch.randn(rows, cols, generator=g, dtype=dtype)
+
+
+def loss_fn(out: Tensor, target: Tensor) -> Tensor:
+    return (out - target).pow(2).mean()
+
+
+# -- meta-learning references ----------------------------------------------------
+
+
+def task_data(
+    num_tasks: int,
+    shots: int = 5,
+    features: int = 3,
+    outputs: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> List[Tensor]:
+    """``[xs, ys, xq, yq]``: a support and a query set per task, tasks on dim 0."""
+    g = torch.Generator().manual_seed(seed)
+    x_shape, y_shape = (num_tasks, shots, features), (num_tasks, shots, outputs)
+    return [torch.randn(s, generator=g, dtype=dtype) for s in (x_shape, y_shape, x_shape, y_shape)]
+
+
+def task_slice(batches: Sequence[Tensor], i: int) -> List[Tensor]:
+    """Task ``i`` of every batch."""
+    return [b[i] for b in batches]
+
+
+def leaves(tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """Fresh leaf copies that require grad: the reference's own parameters."""
+    return {k: t.detach().clone().requires_grad_() for k, t in tensors.items()}
+
+
+def ref_adapt(
+    loss: Callable[..., Tensor],
+    params: Mapping[str, Tensor],
+    *args: Any,
+    lr: Any,
+    steps: int = 1,
+    first_order: bool = False,
+    only: Optional[Sequence[str]] = None,
+) -> Dict[str, Tensor]:
+    """The inner loop by hand: ``p - lr * g`` with ``torch.autograd.grad``.
+
+    ``create_graph=True`` for second order; with ``first_order`` the gradients
+    are taken without a graph and detached. ``only`` names the parameters that
+    adapt (all by default); ``lr`` is a number, a tensor or a dict of tensors.
+    """
+    names = list(params) if only is None else list(only)
+    fast = dict(params)
+    for _ in range(steps):
+        grads = torch.autograd.grad(loss(fast, *args), [fast[k] for k in names], create_graph=not first_order)
+        for k, g in zip(names, grads):
+            rate = lr[k] if isinstance(lr, Mapping) else lr
+            fast[k] = fast[k] - rate * (g.detach() if first_order else g)
+    return fast
+
+
+def grads_wrt(value: Tensor, tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """``d value / d tensors`` as a dict (zeros where ``value`` does not depend on one)."""
+    found = torch.autograd.grad(value, list(tensors.values()), allow_unused=True)
+    return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(tensors.items(), found)}
+
+
+def finite_diff_grad(
+    fn: Callable[[Dict[str, Tensor]], Tensor], params: Mapping[str, Tensor], eps: float = 1e-6
+) -> Dict[str, Tensor]:
+    """Central differences of the scalar ``fn(params)``, entry by entry (float64)."""
+    base = {k: t.detach().clone() for k, t in params.items()}
+    out = {}
+    with torch.no_grad():
+        for k, t in base.items():
+            g = torch.zeros_like(t)
+            for i in range(t.numel()):
+                step = torch.zeros_like(t).view(-1)
+                step[i] = eps
+                plus = fn({**base, k: t + step.view_as(t)})
+                minus = fn({**base, k: t - step.view_as(t)})
+                g.view(-1)[i] = (plus - minus) / (2 * eps)
+            out[k] = g
+    return out
+
+
+def rel_err(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    """``|a - b| / |b|`` over all entries of two dicts with the same keys."""
+    flat_a = torch.cat([a[k].detach().reshape(-1) for k in b])
+    flat_b = torch.cat([b[k].detach().reshape(-1) for k in b])
+    return float((flat_a - flat_b).norm() / flat_b.norm())
+
+
+def autograd_ops(t: Tensor) -> Set[str]:
+    """Names of every backward node in ``t``'s graph."""
+    seen: Set[Any] = set()
+    names: Set[str] = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
