@@ -60,6 +60,11 @@ def _detacher(keep_requires_grad: bool) -> Callable[[str, Tensor], Tensor]:
     def detach(name: str, t: Tensor) -> Tensor:
         if not t.requires_grad:
             return t
+        if keep_requires_grad and t.grad_fn is None:
+            # A leaf is cut from every graph already: keep the tensor itself, as
+            # learn2learn's in-place detach_() does, so an optimizer holding it
+            # still drives the module.
+            return t
         flag = keep_requires_grad
         if isinstance(t, nn.Parameter):
             return nn.Parameter(t.detach(), requires_grad=flag)
@@ -117,7 +122,13 @@ def _check_updates(module: nn.Module, updates: Sequence[Optional[Tensor]]) -> Di
 
 def _add_update_attr(name: str, t: Tensor) -> Tensor:
     u = getattr(t, "update", None)
-    return t if u is None else t + u
+    if u is None:
+        return t
+    # Consumed, as learn2learn does: a tensor that another module also holds
+    # (a shared buffer, a weight tied across modules) is never updated twice,
+    # and the update's graph is not kept alive by the old tensor.
+    t.update = None
+    return t + u
 
 
 def update_module(
