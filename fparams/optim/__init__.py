@@ -1,0 +1,59 @@
+"""Pure, differentiable optimizers over parameter dicts, in the optax style.
+
+An optimizer is a :class:`GradientTransformation`, a pair of pure functions:
+``init(params) -> state`` and ``update(grads, state, params=None) -> (updates,
+new_state)``. The updates are added with ``fparams.apply_updates``; nothing is
+changed in place, so inner loops can be differentiated (``torch.func.grad``),
+batched over tasks (``torch.func.vmap``) and compiled (``torch.compile``).
+Hyperparameters may be tensors that require grad and receive meta-gradients.
+
+Example:
+    >>> import torch, fparams.optim
+    >>> lr = torch.tensor(0.1, requires_grad=True)
+    >>> opt = fparams.optim.adam(lr=lr)
+    >>> params = {"w": torch.tensor([1.0, 2.0])}
+    >>> state = opt.init(params)
+    >>> for _ in range(3):
+    ...     grads = torch.func.grad(lambda p: (p["w"] ** 2).sum())(params)
+    ...     updates, state = opt.update(grads, state, params)
+    ...     params = fparams.apply_updates(params, updates)
+    >>> (params["w"] ** 2).sum().backward()
+    >>> lr.grad
+    tensor(-14.3107)
+"""
+
+from ._alias import adam, adamw, rmsprop, sgd
+from ._base import EmptyState, GradientTransformation, Hyper, InitFn, OptState, UpdateFn
+from ._transforms import (
+    ScaleByAdamState,
+    ScaleByRmsState,
+    TraceState,
+    add_decayed_weights,
+    chain,
+    scale_by_adam,
+    scale_by_learning_rate,
+    scale_by_rms,
+    trace,
+)
+
+__all__ = [
+    "EmptyState",
+    "GradientTransformation",
+    "Hyper",
+    "InitFn",
+    "OptState",
+    "ScaleByAdamState",
+    "ScaleByRmsState",
+    "TraceState",
+    "UpdateFn",
+    "adam",
+    "adamw",
+    "add_decayed_weights",
+    "chain",
+    "rmsprop",
+    "scale_by_adam",
+    "scale_by_learning_rate",
+    "scale_by_rms",
+    "sgd",
+    "trace",
+]
