@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 import torch
@@ -30,7 +30,15 @@ from tests.helpers import (
     make_net,
     make_target,
     module_snapshot,
+    torch_threads,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
 
 ALL = sorted(NETS)
 RECURRENT = ["rnn", "lstm", "gru"]
@@ -446,7 +454,8 @@ SHIM_ERRORS = [
                  r"update_module: `updates` must be a list with one tensor per parameter; got a single "
                  r"tensor\. Wrap it in a list: updates=\[u\]\.", id="single-tensor"),
     pytest.param(lambda: fparams.update_module(None), TypeError,
-                 r"update_module: `module` must be a torch\.nn\.Module; got NoneType\.", id="update-non-module"),
+                 r"update_module: `module` must be a torch\.nn\.Module; got NoneType\.",
+                 id="update-non-module"),
     pytest.param(lambda: fparams.update_module({"w": torch.ones(1)}, []), TypeError,
                  r"update_module: `module` must be a torch\.nn\.Module; got dict\.", id="update-dict"),
     pytest.param(lambda: fparams.detach_module([nn.Linear(1, 1)]), TypeError,

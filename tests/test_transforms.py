@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterator
 
 import pytest
 import torch
 from torch import Tensor
 
 import fparams
-from tests.helpers import assert_untouched, snapshot
+from tests.helpers import assert_untouched, snapshot, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
 
 
 def _params() -> Dict[str, Tensor]:
