@@ -115,7 +115,8 @@ def adapt(
             if first_order:
                 grads = {k: g.detach() for k, g in grads.items()}
             trainable = {k: p - rates[k] * grads[k] for k, p in trainable.items()}
-    return {**trainable, **frozen}
+    # the caller's key order, so that zipping names with values stays safe
+    return {k: trainable[k] if k in trainable else frozen[k] for k in params}
 
 
 def _with_buffers(grad_fn: Callable[..., Params], buffers: TensorDict, fast: Params, *a: Any) -> Params:
