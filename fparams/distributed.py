@@ -429,7 +429,7 @@ def all_reduce_grads(
         weights, _ = _agree(where, entries, w, False, group)
         with torch.no_grad():
             summed = _weighted_sum([t for _, t in entries], _scale(where, weights, w), group)
-        return {k: t for (k, _), t in zip(entries, summed)}
+        return _in_order(grads, {k: t for (k, _), t in zip(entries, summed)})
 
     params = [(k, p) for k, p in entries if p.requires_grad]
     have = [p.grad is not None for _, p in params]
@@ -510,7 +510,7 @@ def all_reduce_buffers(
     weights, _ = _agree(where, entries, w, False, group)
     scale = _scale(where, weights, w)
     floating = [i for i, (_, t) in enumerate(entries) if t.is_floating_point() or t.is_complex()]
-    others = [i for i in range(len(entries)) if i not in set(floating)]
+    others = sorted(set(range(len(entries))) - set(floating))
     with torch.no_grad():
         results: List[Tensor] = [t for _, t in entries]
         averaged = _weighted_sum([entries[i][1] for i in floating], scale, group)
@@ -520,12 +520,20 @@ def all_reduce_buffers(
         )
         for i, t in zip(floating + others, averaged + maxed):
             results[i] = t
-        return _write_back(in_place, entries, results)
+        return _write_back(buffers, in_place, entries, results)
 
 
-def _write_back(in_place: bool, entries: Entries, results: List[Tensor]) -> Optional[Dict[str, Tensor]]:
+def _in_order(target: Any, by_name: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """``by_name`` in the key order of the dict the caller passed."""
+    return {str(k): by_name[str(k)] for k in target}
+
+
+def _write_back(
+    target: Any, in_place: bool, entries: Entries, results: List[Tensor]
+) -> Optional[Dict[str, Tensor]]:
     if not in_place:
-        return {k: r.clone().requires_grad_(t.requires_grad) for (k, t), r in zip(entries, results)}
+        fresh = {k: r.clone().requires_grad_(t.requires_grad) for (k, t), r in zip(entries, results)}
+        return _in_order(target, fresh)
     with torch.no_grad():
         for (_, t), r in zip(entries, results):
             t.copy_(r)
@@ -548,7 +556,7 @@ def _broadcast(
         results = _flat_collective(
             [t for _, t in entries], lambda flat: dist.broadcast(flat, src=src, group=group)
         )
-        return _write_back(in_place, entries, results)
+        return _write_back(target, in_place, entries, results)
 
 
 @overload

@@ -376,9 +376,11 @@ def test_dict_forms_are_pure_and_module_forms_work_in_place() -> None:
     net = nn.Linear(2, 1)
     net.weight.grad = torch.full_like(net.weight, 2.0)  # bias has no .grad on any rank: stays None
     before = net.weight.grad
-    grads = {"w": torch.ones(2)}
+    grads = {"w": torch.ones(2), "b": torch.ones(1)}
     out = fd.all_reduce_grads(grads, weight=2)
-    assert out is not None and out["w"] is not grads["w"] and grads["w"].tolist() == [1.0, 1.0]
+    assert out is not None and list(out) == ["w", "b"]  # the caller's order, not sorted
+    assert out["w"] is not grads["w"] and grads["w"].tolist() == [1.0, 1.0]
+    assert list(fd.all_reduce_buffers({"z": torch.ones(1), "a": torch.ones(1)}) or {}) == ["z", "a"]
     assert fd.all_reduce_grads(net, weight=2) is None
     assert net.weight.grad is before and net.weight.grad.eq(2).all() and net.bias.grad is None
     params = dict(net.named_parameters())
