@@ -151,6 +151,23 @@ def test_random_hyperparameters_follow_torch_optim(
     assert_dicts_close(got[-1], expected[-1], rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("factory,cls", [(optim.adam, torch.optim.Adam), (optim.adamw, torch.optim.AdamW)])
+def test_float32_adam_stays_within_float32_rounding_of_torch_optim(factory: Any, cls: type) -> None:
+    # The bias corrections are float64 scalars, as torch.optim's Python floats
+    # are: in float32, 1 - 0.999 alone is off by 1e-5.
+    net, x, y = _problem()
+    net, x, y = net.float(), x.float(), y.float()
+    expected = _torch_trajectory(net, x, y, cls, dict(lr=0.01), steps=5)
+    got = _fparams_trajectory(net, x, y, factory(lr=0.01), steps=5)
+    for a, b in zip(got, expected):
+        assert_dicts_close(a, b, rtol=1e-6, atol=1e-7)
+    beta = torch.tensor(0.9, requires_grad=True)  # a float32 learned beta keeps float32 updates
+    params = {"w": torch.ones(3)}
+    opt = factory(lr=torch.tensor(0.1, dtype=F64), betas=(beta, 0.999))
+    updates, _ = opt.update({"w": torch.ones(3)}, opt.init(params), params)
+    assert updates["w"].dtype == torch.float32
+
+
 def test_the_step_count_is_a_tensor_that_counts_steps() -> None:
     opt = optim.adam(lr=0.1)
     params = {"w": torch.ones(2)}

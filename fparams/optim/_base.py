@@ -174,9 +174,15 @@ def init_step(params: TensorDict) -> Tensor:
     return torch.zeros((), dtype=torch.int64, device=device)
 
 
-def bias_correction(decay: Hyper, step: Tensor, dtype: torch.dtype) -> Tensor:
-    """``1 - decay ** step`` as a scalar tensor, in float64 for float64 params, else float32."""
-    return 1 - decay ** step.to(torch.promote_types(dtype, torch.float32))
+def bias_correction(decay: Hyper, step: Tensor) -> Tensor:
+    """``1 - decay ** step`` as a scalar tensor in float64 (float32 where the device has no float64).
+
+    Like torch.optim, which computes it in Python floats: in float32,
+    ``1 - 0.999`` is already off by 1e-5, which would show in every update.
+    A 0-dim float64 tensor does not promote the float32 tensors it meets.
+    """
+    dtype = torch.float32 if step.device.type == "mps" else torch.float64
+    return 1 - decay ** step.to(dtype)
 
 
 def ema(average: Tensor, value: Tensor, decay: Hyper) -> Tensor:

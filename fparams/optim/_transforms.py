@@ -246,14 +246,10 @@ def scale_by_adam(
         mu = map_params(lambda g, m: ema(m, g, beta1), grads, state.mu)
         nu = map_params(lambda g, v: ema_square(v, g, beta2), grads, state.nu)
         nu_max = map_params(torch.maximum, state.nu_max, nu) if amsgrad else {}
-        corrections: Dict[torch.dtype, Tuple[Tensor, Tensor]] = {}
+        c1 = bias_correction(beta1, step)
+        c2_sqrt = bias_correction(beta2, step).sqrt()
 
         def direction(m: Tensor, v: Tensor) -> Tensor:
-            if m.dtype not in corrections:
-                c1 = bias_correction(beta1, step, m.dtype)
-                c2 = bias_correction(beta2, step, m.dtype)
-                corrections[m.dtype] = (c1, c2.sqrt())
-            c1, c2_sqrt = corrections[m.dtype]
             return (m / c1) / (safe_sqrt(v) / c2_sqrt + eps)
 
         updates = map_params(direction, mu, nu_max if amsgrad else nu)
