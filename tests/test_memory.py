@@ -8,7 +8,7 @@ Three independent signals, each of which a leak of the clones would trip:
   C++ tensor does, so a tensor kept by a leaked autograd graph counts as alive;
 * the number of live tensor objects ``gc`` knows of;
 * the process's resident memory (Linux), with networks large enough that a
-  leaked clone per cycle would add hundreds of MiB.
+  leaked clone per cycle would add tens of MiB.
 """
 
 from __future__ import annotations
@@ -144,15 +144,16 @@ def test_memory_is_flat_over_500_cycles(case: str) -> None:
     alive, tensors, rss = _measure(CASES[case](), CYCLES)
     assert alive == 0, f"{alive} tensors made by the cycles are still alive"
     assert tensors <= 10, f"{tensors} more live tensor objects after {CYCLES} cycles"
-    assert rss < 64, f"resident memory grew by {rss:.0f} MiB over {CYCLES} cycles"
+    # A clone kept per cycle adds about 0.1 MiB of resident memory: ~50 MiB here.
+    assert rss < 16, f"resident memory grew by {rss:.0f} MiB over {CYCLES} cycles"
 
 
 def test_the_measurement_catches_a_leak() -> None:
     # The same cycle, keeping each clone: every signal above must fire.
     torch.manual_seed(0)
     kept: List[Any] = []
-    alive, tensors, rss = _measure(_shim_cycle(Net(), _data(False), attrs=False, keep=kept), 50)
-    assert alive >= 50 * 5
-    assert tensors >= 50 * 5
+    alive, tensors, rss = _measure(_shim_cycle(Net(), _data(False), attrs=False, keep=kept), 200)
+    assert alive >= 200 * 5
+    assert tensors >= 200 * 5
     if _rss_mib() > 0:
-        assert rss > 5
+        assert rss > 10
