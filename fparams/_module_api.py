@@ -127,7 +127,7 @@ def _add_update_attr(name: str, t: Tensor) -> Tensor:
     # Consumed, as learn2learn does: a tensor that another module also holds
     # (a shared buffer, a weight tied across modules) is never updated twice,
     # and the update's graph is not kept alive by the old tensor.
-    t.update = None
+    t.update = None  # type: ignore[attr-defined]
     return t + u
 
 
