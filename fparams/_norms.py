@@ -17,11 +17,13 @@ statistics of the batch at hand and leaves running statistics (and
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 
@@ -220,11 +222,29 @@ class exact_norms(TorchFunctionMode):
         impl = self._impls.get(func)
         if impl is not None:
             return impl(*args, **(kwargs or {}))
-        if func is Tensor.add_ and _is_batch_counter(args[0]):
-            return self._count_batches(*args, **(kwargs or {}))
+        if func is Tensor.add_ or func is Tensor.__float__:
+            caller = _caller()
+            if _is_batch_counter(args[0], caller):
+                if func is Tensor.add_:
+                    return self._count_batches(*args, **(kwargs or {}))
+                if self.batch_stats and caller is not None:
+                    # momentum=None: BatchNorm divides by the count it could not move;
+                    # the factor is unused with batch statistics, so keep it finite.
+                    return max(1.0, func(*args, **(kwargs or {})))
         return func(*args, **(kwargs or {}))
 
 
-def _is_batch_counter(t: Any) -> bool:
-    # ``num_batches_tracked``: a 0-dim integer buffer outside any graph.
-    return isinstance(t, Tensor) and t.dim() == 0 and t.dtype == torch.long and not t.requires_grad
+def _caller() -> Any:
+    # the frame that called the tensor method (``__torch_function__`` is one up)
+    return None if torch.compiler.is_compiling() else sys._getframe(2)
+
+
+def _is_batch_counter(t: Any, caller: Any) -> bool:
+    # ``num_batches_tracked``, used by BatchNorm's own forward: any other 0-dim
+    # integer tensor (a user's step counter) is left alone.
+    if not (isinstance(t, Tensor) and t.dim() == 0 and t.dtype == torch.long and not t.requires_grad):
+        return False
+    if caller is None:
+        return True  # under dynamo, which cannot trace frame inspection: the test above
+    owner = caller.f_locals.get("self")
+    return isinstance(owner, _BatchNorm) and t is owner.num_batches_tracked

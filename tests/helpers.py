@@ -222,9 +222,9 @@ def ref_adapt(
     return fast
 
 
-def grads_wrt(value: Tensor, tensors: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def grads_wrt(value: Tensor, tensors: Mapping[str, Tensor], retain_graph: bool = False) -> Dict[str, Tensor]:
     """``d value / d tensors`` as a dict (zeros where ``value`` does not depend on one)."""
-    found = torch.autograd.grad(value, list(tensors.values()), allow_unused=True)
+    found = torch.autograd.grad(value, list(tensors.values()), allow_unused=True, retain_graph=retain_graph)
     return {k: torch.zeros_like(t) if g is None else g for (k, t), g in zip(tensors.items(), found)}
 
 
