@@ -1,0 +1,148 @@
+"""torch.compile of the meta-step, and fparams.compile's fallback to eager."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Iterator, List
+
+import pytest
+import torch
+from torch import Tensor
+
+import fparams
+from tests.helpers import (
+    assert_dicts_close,
+    grads_wrt,
+    leaves,
+    ref_adapt,
+    task_data,
+    task_slice,
+    torch_threads,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    with torch_threads(1):
+        yield
+
+
+def _params() -> Dict[str, Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w1": (1, 4), "b1": (4,), "w2": (4, 1), "b2": (1,)}
+    return {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+
+
+def mlp_loss(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    """A 1-4-1 tanh MLP, written as a function so that dynamo traces it quickly."""
+    return (torch.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"] - y).pow(2).mean()
+
+
+def maml_task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+    return mlp_loss(fparams.adapt(mlp_loss, p, xs, ys, lr=0.1), xq, yq)
+
+
+@pytest.mark.slow
+def test_compiled_second_order_meta_step_matches_eager() -> None:
+    torch._dynamo.reset()
+    params = _params()
+    data = task_data(3, shots=5, features=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fparams.CompileFallbackWarning)  # a fallback would hide the test
+        step = fparams.meta_value_and_grad(maml_task, compile=True)
+        value, grads = step(params, *data)
+        data2 = task_data(3, shots=5, features=1, seed=1)
+        value2, grads2 = step(params, *data2)  # same shapes: the compiled graph again
+    eager = fparams.meta_value_and_grad(maml_task)
+    for v, g, d in [(value, grads, data), (value2, grads2, data2)]:
+        ev, eg = eager(params, *d)
+        torch.testing.assert_close(v, ev, rtol=1e-12, atol=1e-14)
+        assert_dicts_close(g, eg, rtol=1e-12, atol=1e-14)
+        # and the second-order reference, by hand
+        ref = leaves(params)
+        losses = [
+            mlp_loss(ref_adapt(mlp_loss, ref, *task_slice(d, i)[:2], lr=0.1), *task_slice(d, i)[2:])
+            for i in range(3)
+        ]
+        want = torch.stack(losses).mean()
+        assert_dicts_close(g, grads_wrt(want, ref), rtol=1e-10, atol=1e-12)
+
+
+# -- the fallback ----------------------------------------------------------------------
+
+
+def _failing_compile(calls: List[Any]) -> Any:
+    def fake_compile(fn: Any, **kwargs: Any) -> Any:
+        def compiled(*args: Any, **kw: Any) -> Any:
+            calls.append(kwargs)
+            raise RuntimeError("backend exploded\nsecond line")
+
+        return compiled
+
+    return fake_compile
+
+
+def test_fallback_warns_once_and_returns_eager_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: List[Any] = []
+    monkeypatch.setattr(torch, "compile", _failing_compile(calls))
+
+    def double(x: Tensor) -> Tensor:
+        return 2 * x
+
+    f = fparams.compile(double, mode="reduce-overhead")
+    assert f.__name__ == "double"
+    with pytest.warns(fparams.CompileFallbackWarning) as record:
+        out = f(torch.ones(2))
+    torch.testing.assert_close(out, torch.full((2,), 2.0))
+    assert len(record) == 1
+    message = str(record[0].message)
+    assert (
+        "torch.compile failed on test_fallback_warns_once_and_returns_eager_results.<locals>.double"
+        in message
+    )
+    assert "RuntimeError: backend exploded" in message and "second line" not in message
+    assert "running it eagerly from now on" in message
+    assert calls == [{"mode": "reduce-overhead"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(f(torch.ones(3)), torch.full((3,), 2.0))
+    assert len(calls) == 1, "after a failure the compiled function is not tried again"
+
+
+def test_meta_value_and_grad_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: List[Any] = []
+    monkeypatch.setattr(torch, "compile", _failing_compile(calls))
+    params = _params()
+    data = task_data(3, shots=5, features=1)
+    with pytest.warns(fparams.CompileFallbackWarning, match=r"fparams\.compile: torch\.compile failed on"):
+        value, grads = fparams.meta_value_and_grad(maml_task, compile=True)(params, *data)
+    want_value, want_grads = fparams.meta_value_and_grad(maml_task)(params, *data)
+    torch.testing.assert_close(value, want_value, rtol=0, atol=0)
+    assert_dicts_close(grads, want_grads, rtol=0, atol=0)
+    assert len(calls) == 1
+
+
+def test_a_real_dynamo_failure_falls_back() -> None:
+    # fullgraph=True turns the graph break below into an error inside torch.compile
+    def breaks(x: Tensor) -> Tensor:
+        if x.sum() > 0:  # data-dependent control flow
+            return x * 2
+        return x - 1
+
+    torch._dynamo.reset()
+    f = fparams.compile(breaks, fullgraph=True)
+    with pytest.warns(fparams.CompileFallbackWarning, match=r"torch\.compile failed on .*breaks"):
+        out = f(torch.ones(2))
+    torch.testing.assert_close(out, torch.full((2,), 2.0))
+    torch.testing.assert_close(f(-torch.ones(2)), torch.full((2,), -2.0))
+
+
+def test_errors_of_the_function_itself_surface(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "compile", _failing_compile([]))
+
+    def bad(x: Tensor) -> Tensor:
+        raise ValueError("bad input")
+
+    f = fparams.compile(bad)
+    with pytest.warns(fparams.CompileFallbackWarning), pytest.raises(ValueError, match="bad input"):
+        f(torch.ones(1))
