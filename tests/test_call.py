@@ -14,6 +14,7 @@ from tests.helpers import (
     NETS,
     TiedNet,
     assert_module_untouched,
+    assert_untouched,
     flat_weights_follow_slots,
     grads_of,
     loss_fn,
@@ -21,6 +22,7 @@ from tests.helpers import (
     make_net,
     make_target,
     module_snapshot,
+    snapshot,
     torch_threads,
 )
 
@@ -85,8 +87,12 @@ def test_call_equals_the_module_call_and_uses_the_module_buffers(name: str, trai
     ref = copy.deepcopy(net)
     x = make_input(name)
     arch, params, _ = fparams.split(net)
+    snap = snapshot(params)
     out = arch(params, x)
     torch.testing.assert_close(out, ref(x))
+    assert_untouched(params, snap)  # the dict, its tensors, their values and versions
+    for k, p in net.named_parameters():
+        assert p is params[k], k  # the module holds its own parameters again
     # buffers=None: the module's own buffers, updated as the module call updates them.
     for (k, b), (_, rb) in zip(net.named_buffers(), ref.named_buffers()):
         torch.testing.assert_close(b, rb, msg=lambda m, k=k: f"{k}: {m}")
@@ -138,7 +144,7 @@ def test_call_with_explicit_buffers_uses_them_and_leaves_the_module_alone() -> N
 def test_call_with_other_params_does_not_change_the_module() -> None:
     net = make_net("lstm")
     x = make_input("lstm")
-    ref = copy.deepcopy(net)
+    ref, pristine = copy.deepcopy(net), copy.deepcopy(net)
     arch, params, _ = fparams.split(net)
     snap = module_snapshot(net)
     new = {k: p.detach() * 0.5 for k, p in params.items()}
@@ -148,7 +154,7 @@ def test_call_with_other_params_does_not_change_the_module() -> None:
     torch.testing.assert_close(arch(new, x), ref(x))
     assert_module_untouched(net, snap)
     assert flat_weights_follow_slots(net) == []
-    torch.testing.assert_close(net(x), copy.deepcopy(net)(x))
+    torch.testing.assert_close(net(x), pristine(x))
 
 
 # -- strict keys ------------------------------------------------------------------------
