@@ -176,6 +176,7 @@ def numeric_body(rank: int) -> Dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> List[Dict[str, Any]]:
+    single_process_grads(4)  # torch.func's first call is slow: pay it once, the forked ranks inherit it
     results, _ = launch(numeric_body, tmp_path_factory.mktemp("numeric"))
     return results
 
