@@ -665,3 +665,96 @@ def test_init_and_update_leave_their_inputs_untouched(
     assert_untouched(params, params_snap)
     assert_untouched(grads, grads_snap)
     assert_untouched({"lr": lr}, lr_snap)
+
+
+# -- integration: fparams.adapt, map_tasks and MAML take an optimizer for lr --------------
+
+
+def _tiny_loss(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    return _mse(_tiny_net(p, x), y)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_adapt_with_an_optimizer_equals_the_manual_loop(first_order: bool) -> None:
+    meta, xs, ys, xq, yq = _tiny_task(seed=11)
+    results = []
+    for use_adapt in (True, False):
+        params = {k: t.clone().requires_grad_() for k, t in meta.items()}
+        opt = optim.adam(lr=0.05, weight_decay=0.01)
+        if use_adapt:
+            fast = fparams.adapt(_tiny_loss, params, xs, ys, lr=opt, steps=5, first_order=first_order)
+        else:
+            grad_fn = torch.func.grad(_tiny_loss)
+            fast, state = params, opt.init(params)
+            for _ in range(5):
+                grads = grad_fn(fast, xs, ys)
+                if first_order:
+                    grads = fparams.detach(grads)
+                updates, state = opt.update(grads, state, fast)
+                fast = fparams.apply_updates(fast, updates)
+        meta_grads = torch.autograd.grad(_tiny_loss(fast, xq, yq), list(params.values()))
+        results.append((fparams.detach(fast), dict(zip(params, meta_grads))))
+    assert_dicts_close(results[0][0], results[1][0], rtol=1e-12, atol=1e-14)
+    assert_dicts_close(results[0][1], results[1][1], rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(results[0][0]["w1"], meta["w1"]), "the inner loop should move the params"
+
+
+def test_adapt_with_an_optimizer_and_a_filter_adapts_only_the_selected_params() -> None:
+    meta, xs, ys, xq, yq = _tiny_task(seed=12)
+    params = {k: t.clone().requires_grad_() for k, t in meta.items()}
+    opt = optim.sgd(lr=0.1, momentum=0.9, nesterov=True)
+    fast = fparams.adapt(_tiny_loss, params, xs, ys, lr=opt, steps=3, filter=["w2", "b2"])
+    head, body = fparams.partition(params, ["w2", "b2"])
+    grad_fn = torch.func.grad(lambda h: _tiny_loss({**h, **body}, xs, ys))
+    state = opt.init(head)
+    for _ in range(3):
+        updates, state = opt.update(grad_fn(head), state, head)
+        head = fparams.apply_updates(head, updates)
+    assert_dicts_close(fast, {**head, **body}, rtol=1e-12, atol=1e-14)
+    assert fast["w1"] is params["w1"]
+
+
+def test_map_tasks_over_adapt_with_adam_equals_the_per_task_loop() -> None:
+    meta, xs, ys, xq, yq = _tasks()
+    params = {k: t.clone().requires_grad_() for k, t in meta.items()}
+
+    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        fast = fparams.adapt(_tiny_loss, p, xs, ys, lr=optim.adam(lr=0.05), steps=4)
+        return _tiny_loss(fast, xq, yq)
+
+    mapped = fparams.map_tasks(task)(params, xs, ys, xq, yq)
+    looped = torch.stack(
+        [
+            _tiny_loss(_adapt(optim.adam(lr=0.05), params, xs[i], ys[i], steps=4), xq[i], yq[i])
+            for i in range(4)
+        ]
+    )
+    torch.testing.assert_close(mapped, looped, rtol=1e-10, atol=1e-12)
+    grad_m = torch.autograd.grad(mapped.sum(), list(params.values()))
+    grad_l = torch.autograd.grad(looped.sum(), list(params.values()))
+    assert_dicts_close(dict(zip(params, grad_m)), dict(zip(params, grad_l)), rtol=1e-10, atol=1e-12)
+
+
+def test_maml_with_an_optimizer_equals_the_manual_loop() -> None:
+    net, x, y = _problem()
+    maml = fparams.MAML(copy.deepcopy(net), lr=optim.adam(lr=0.05, betas=(0.5, 0.9)))
+    learner = maml.clone()
+    for _ in range(3):
+        learner.adapt(_mse(learner(x), y))
+    _mse(learner(x[:8]), y[:8]).backward()
+
+    arch, params, _ = fparams.split(copy.deepcopy(net))
+    grad_fn = torch.func.grad(lambda p: _mse(arch(p, x), y))
+    opt = optim.adam(lr=0.05, betas=(0.5, 0.9))
+    fast, state = params, opt.init(params)
+    for _ in range(3):
+        updates, state = opt.update(grad_fn(fast), state, fast)
+        fast = fparams.apply_updates(fast, updates)
+    meta_grads = torch.autograd.grad(_mse(arch(fast, x[:8]), y[:8]), list(params.values()))
+    assert_dicts_close(dict(learner.module.named_parameters()), fast, rtol=1e-12, atol=1e-14)
+    assert_dicts_close(
+        {k: p.grad for k, p in maml.module.named_parameters()},
+        dict(zip(params, meta_grads)),
+        rtol=1e-10,
+        atol=1e-12,
+    )
