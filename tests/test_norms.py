@@ -183,6 +183,9 @@ def _regression_net(norm: str) -> nn.Module:
         "layer_norm": lambda: nn.LayerNorm(8),
         "group_norm": lambda: nn.GroupNorm(2, 8),
         "rms_norm": lambda: nn.RMSNorm(8),
+        "instance_norm": lambda: nn.Sequential(
+            nn.Unflatten(1, (2, 4)), nn.InstanceNorm1d(2, affine=True), nn.Flatten()
+        ),
     }[norm]()
     return nn.Sequential(nn.Linear(3, 8), layer, nn.ReLU(), nn.Linear(8, 1)).double()
 
@@ -226,7 +229,7 @@ def _meta_grads(norm: str) -> Dict[str, Dict[str, Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm", "group_norm", "rms_norm"])
+@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm", "instance_norm", "group_norm", "rms_norm"])
 def test_raw_torch_func_is_wrong_and_fparams_is_exact(norm: str) -> None:
     grads = _meta_grads(norm)
     # the references agree: finite differences and the per-task loop
@@ -236,8 +239,9 @@ def test_raw_torch_func_is_wrong_and_fparams_is_exact(norm: str) -> None:
             assert rel_err(g, grads["loop"]) < 1e-8, label
             assert rel_err(g, grads["fd"]) < 1e-7, label
     raw = rel_err(grads["raw"], grads["loop"])
-    if norm in ("batch_norm", "layer_norm"):
-        # measured with torch 2.13: about 1.3e-2 (batch_norm) and 1.2e-2 (layer_norm)
+    if norm in ("batch_norm", "layer_norm", "instance_norm"):
+        # measured with torch 2.13 on this net: 2.4e-2 (batch_norm), 8.7e-3 (layer_norm)
+        # and 3.0e-2 (instance_norm, which runs the batch_norm kernel)
         assert raw > 1e-4, FIX_MESSAGE.format(op=norm, err=raw)
     else:
         # these decompose into plain ops under vmap already
