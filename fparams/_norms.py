@@ -231,7 +231,25 @@ class exact_norms(TorchFunctionMode):
                     # momentum=None: BatchNorm divides by the count it could not move;
                     # the factor is unused with batch statistics, so keep it finite.
                     return max(1.0, func(*args, **(kwargs or {})))
+                if caller is not None:
+                    return _cumulative_factor_count(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
+
+
+def _cumulative_factor_count(func: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+    # BatchNorm(momentum=None) reads its count as a Python float: not per task under vmap
+    try:
+        return func(*args, **kwargs)
+    except RuntimeError as err:
+        if "vmap" not in str(err):
+            raise
+        raise ValueError(
+            "fparams.exact_norms: a BatchNorm layer with momentum=None (a cumulative average "
+            "of the running statistics) reads num_batches_tracked as a Python number, which "
+            "cannot differ per task under vmap. Give the layer a numeric momentum, use "
+            "map_tasks(..., strategy='loop'), or normalize with batch statistics only: "
+            "map_tasks(..., batch_stats=True)."
+        ) from err
 
 
 def _caller() -> Any:

@@ -8,7 +8,7 @@ native batch_norm / layer_norm, while fparams.map_tasks is exact.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import torch
@@ -297,3 +297,27 @@ def test_group_and_instance_norm_are_exact_over_tasks(
 
 def _copy(buffers: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return {k: b.clone() for k, b in buffers.items()}
+
+
+def _per_task_bn(
+    momentum: Optional[float],
+) -> Tuple[Callable[..., Any], Dict[str, Tensor], Dict[str, Tensor]]:
+    bn = nn.BatchNorm1d(3, momentum=momentum).double()
+    arch, params, buffers = fparams.split(bn)
+
+    def task(p: Dict[str, Tensor], b: Dict[str, Tensor], x: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
+        b = fparams.clone(b)
+        return arch(p, x, buffers=b), b
+
+    return task, params, buffers
+
+
+def test_momentum_none_with_per_task_statistics() -> None:
+    task, params, buffers = _per_task_bn(None)
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    _, new = fparams.map_tasks(task, strategy="loop")(params, fparams.stack_tasks(buffers, 2), x)
+    for i in range(2):  # a fresh layer's first batch: the cumulative average is the batch's statistics
+        torch.testing.assert_close(new["running_mean"][i], x[i].mean(0), **TOL)
+    with pytest.raises(ValueError, match=r"momentum=None .* cannot differ per task under vmap") as err:
+        fparams.map_tasks(task, strategy="vmap")(params, fparams.stack_tasks(buffers, 2), x)
+    assert "strategy='loop'" in str(err.value) and "batch_stats=True" in str(err.value)
