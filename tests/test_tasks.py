@@ -335,3 +335,27 @@ def test_no_task_batches() -> None:
         TypeError, match=r"fparams\.map_tasks: call the mapped function as f\(params, \*task_batches\)"
     ):
         fparams.map_tasks(lambda p: p)(torch.ones(()))
+
+
+def test_differently_structured_outputs_per_task() -> None:
+    def task(p: Tensor, x: Tensor) -> Dict[str, Tensor]:
+        return {"pos": x} if float(x.sum()) > 0 else {"neg": x}
+
+    with pytest.raises(ValueError, match=r"fparams\.map_tasks: the function returned differently structured"):
+        fparams.map_tasks(task, strategy="loop")(torch.ones(()), torch.tensor([[1.0], [-1.0]]))
+
+
+@pytest.mark.parametrize("strategy", ["auto", "vmap", "loop", "chunked"])
+def test_a_single_task(strategy: str) -> None:
+    net = _net("mlp")
+    arch, params, _ = fparams.split(net)
+    data = [t[:1] for t in task_data(T, shots=6)]
+    step = fparams.meta_value_and_grad(
+        _maml_task(arch), strategy=strategy, chunk_size=4 if strategy == "chunked" else None
+    )
+    value, grads = step(params, *data)
+    ref = leaves(params)
+    fast = ref_adapt(lambda p, x, y: loss_fn(arch(p, x), y), ref, data[0][0], data[1][0], lr=0.1, steps=2)
+    want = loss_fn(arch(fast, data[2][0]), data[3][0])
+    torch.testing.assert_close(value, want, **TOL)
+    assert_dicts_close(grads, grads_wrt(want, ref), **TOL)
