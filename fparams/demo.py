@@ -13,9 +13,11 @@ of a few held-out tasks is saved.
 The pieces are plain functions so that other drivers can reuse them:
 ``sample_tasks(generator, n)`` draws a task batch, ``make_meta_grad(...)``
 gives ``meta_grad(params, batch) -> (loss, grads)``, ``meta_step`` applies one
-outer update, ``evaluate`` scores held-out tasks. A multi-process driver shards
-the batch that ``sample_tasks`` returns and averages the gradients between
-``meta_grad`` and the optimizer step (see ``meta_step``).
+outer update, ``evaluate`` scores held-out tasks. Under ``torchrun
+--nproc_per_node=N -m fparams.demo`` every process draws the same batches and
+``shard_meta_grad`` gives each its share of the tasks and averages loss and
+gradients over the processes (:mod:`fparams.distributed`); process 0 alone
+shows progress, evaluates, reports and plots.
 
 matplotlib and tqdm come with the ``demo`` extra: ``pip install 'fparams[demo]'``.
 """
@@ -34,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import fparams
+import fparams.distributed
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -123,6 +126,30 @@ def make_meta_grad(
     return meta_grad
 
 
+def shard_meta_grad(meta_grad: MetaGrad) -> MetaGrad:
+    """``meta_grad`` for a ``torchrun`` run: this process's share of the tasks, averaged over all.
+
+    Every process draws the same batch (the same seed) and takes its contiguous
+    share (:func:`fparams.distributed.shard_tasks`); the loss and gradients of
+    the shares are averaged with :func:`fparams.distributed.all_reduce_grads`,
+    weighted by the number of tasks in each share, which gives every process
+    the mean over the whole batch, as one process would compute it.
+    """
+
+    def sharded(params: Dict[str, Tensor], batch: TaskBatch) -> Tuple[Tensor, Dict[str, Tensor]]:
+        share = fparams.distributed.shard_tasks(batch.support_x.shape[0])
+        n = share.stop - share.start
+        if n > 0:
+            loss, grads = meta_grad(params, TaskBatch(*(t[share] for t in batch)))
+        else:  # fewer tasks than processes
+            loss, grads = torch.zeros(()), fparams.zeros_like(params)
+        grads = fparams.distributed.all_reduce_grads(grads, weight=n)
+        loss = fparams.distributed.all_reduce_grads({"loss": loss.detach()}, weight=n)["loss"]
+        return loss, grads
+
+    return sharded
+
+
 def meta_step(
     meta_grad: MetaGrad,
     params: Dict[str, Tensor],
@@ -131,7 +158,7 @@ def meta_step(
 ) -> float:
     """One outer update of ``params`` (leaf tensors owned by ``optimizer``); returns the meta-loss."""
     loss, grads = meta_grad(params, batch)
-    # A data-parallel driver averages `grads` (and `loss`) across processes here.
+    # Under torchrun, meta_grad is shard_meta_grad(...): already averaged across processes.
     for name, p in params.items():
         p.grad = grads[name]
     optimizer.step()
@@ -339,6 +366,8 @@ def run(args: argparse.Namespace, out: str, progress: bool = True) -> Dict[int, 
     arch, params, _ = fparams.split(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
     meta_grad = make_meta_grad(arch, args.lr, args.steps, args.first_order, args.compile)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        meta_grad = shard_meta_grad(meta_grad)
     generator = torch.Generator().manual_seed(args.seed)
 
     bar = tqdm(range(args.iterations), desc="meta-training", disable=not progress, file=sys.stderr)
@@ -350,10 +379,22 @@ def run(args: argparse.Namespace, out: str, progress: bool = True) -> Dict[int, 
             bar.set_postfix(meta_loss=f"{loss:.3f}")
     bar.close()
 
+    if not fparams.distributed.is_main_process():
+        return {}  # under torchrun, process 0 evaluates, plots and reports
     held_out = sample_tasks(torch.Generator().manual_seed(EVAL_SEED), EVAL_TASKS, SHOTS, EVAL_QUERIES)
     scores = evaluate(arch, params, held_out, args.lr)
     save_plot(out, arch, params, held_out, args.lr, scores)
     return scores
+
+
+def _join_torchrun() -> int:
+    """Join the process group when started by ``torchrun``; the number of processes (1 without).
+
+    gloo, also on GPU machines: the demo keeps its tensors on the CPU.
+    """
+    if not fparams.distributed.init_from_env(backend="gloo"):
+        return 1
+    return torch.distributed.get_world_size()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -363,24 +404,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     _require_extras(parser)
     out = _check_out(parser, args.out)
 
+    world = _join_torchrun()
+    main_process = fparams.distributed.is_main_process()
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", fparams.CompileFallbackWarning)
-            scores = run(args, out)
+            scores = run(args, out, progress=main_process)
     except DemoError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     finally:
         torch.set_num_threads(threads)
+        fparams.distributed.shutdown()
     elapsed = time.perf_counter() - start
 
+    if not main_process:
+        return 0
     order = "first-order" if args.first_order else "second-order"
     print(
         f"MAML ({order}, {args.steps} inner step(s) at lr {args.lr}), {args.iterations} iterations "
         f"x {args.tasks} tasks, seed {args.seed}, {elapsed:.1f} s"
     )
+    if world > 1:
+        print(f"data-parallel over {world} processes (torchrun): each takes its share of every batch")
     print(f"held-out MSE over {EVAL_TASKS} tasks ({SHOTS} support, {EVAL_QUERIES} query points each):")
     print(f"  before adaptation:  {scores[0]:.4f}")
     print(f"  after 1 step:       {scores[1]:.4f}")
