@@ -13,6 +13,8 @@ import multiprocessing as mp
 import os
 import pathlib
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -397,3 +399,47 @@ def test_doc_examples_run() -> None:
     assert not dist.is_initialized()
     result = doctest.testmod(fd, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+# --- the demo: its sharded meta-gradient, and the command under torchrun ---------------------------
+
+
+def demo_training(rank: int, world: int) -> Dict[str, Any]:
+    from fparams import demo
+
+    model = demo.make_model(0)
+    arch, params, _ = fparams.split(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    meta_grad = demo.make_meta_grad(arch, lr=0.01, steps=1)
+    if world > 1:
+        meta_grad = demo.shard_meta_grad(meta_grad)
+    generator = torch.Generator().manual_seed(0)
+    losses = [demo.meta_step(meta_grad, params, optimizer, demo.sample_tasks(generator, 5)) for _ in range(3)]
+    return {"losses": losses, "params": {k: p.detach().clone() for k, p in params.items()}}
+
+
+def test_demo_sharded_meta_grad_trains_like_one_process(tmp_path: pathlib.Path) -> None:
+    ranks, _ = launch(lambda rank: demo_training(rank, WORLD), tmp_path)  # 5 tasks: 3 + 2
+    expected = demo_training(0, 1)
+    for k in expected["params"]:
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), k
+    assert_dicts_close(ranks[0]["params"], expected["params"], rtol=1e-5, atol=1e-6)
+    assert ranks[0]["losses"] == pytest.approx(expected["losses"], rel=1e-5)
+
+
+@pytest.mark.slow  # three torch imports: ~20 s of CPU
+def test_demo_under_torchrun_with_two_processes_reports_once(tmp_path: pathlib.Path) -> None:
+    # The numbers equal one process's: test_demo_sharded_meta_grad_trains_like_one_process checks
+    # that on the functions the command runs, without a second (slow) run of the command here.
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tqdm")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--tee=3"]
+    torchrun += ["--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "fparams.demo"]
+    args = ["--iterations", "2", "--tasks", "3", "--out", str(tmp_path / "plot.png")]
+    proc = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=150)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "[default1]:" not in output, output[-4000:]  # rank 1: no progress bar, no report
+    assert output.count("held-out MSE over") == 1 and "data-parallel over 2 processes" in output
+    assert "[default0]:meta-training" in output  # rank 0's progress bar
+    assert (tmp_path / "plot.png").exists()
