@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, FrozenSet, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -30,9 +30,11 @@ class Architecture:
     """A module used only as a function of explicit parameters and buffers.
 
     ``arch(params, *args, buffers=None, **kwargs)`` runs the module's
-    ``forward`` through ``torch.func.functional_call``; ``buffers=None`` uses
-    the module's own buffers. Keys are checked strictly: every parameter name
-    must be given, and no other. The module itself is never changed by a call
+    ``forward`` as ``torch.func.functional_call`` does (a faster equivalent:
+    the tensors go straight into the slots of the tree, resolved once, and
+    back out afterwards); ``buffers=None`` uses the module's own buffers.
+    Keys are checked strictly: every parameter name must be given, and no
+    other. The module itself is never changed by a call
     (buffers a layer updates in place, such as BatchNorm's running statistics,
     are the tensors passed in ``buffers``).
 
@@ -43,13 +45,14 @@ class Architecture:
         torch.Size([2, 1])
     """
 
-    __slots__ = ("module", "param_names", "buffer_names", "_rnns")
+    __slots__ = ("module", "param_names", "buffer_names", "_rnns", "_slots")
 
     def __init__(self, module: nn.Module, param_names: FrozenSet[str], buffer_names: FrozenSet[str]):
         self.module = module
         self.param_names = param_names
         self.buffer_names = buffer_names
         self._rnns = tuple(m for m in module.modules() if isinstance(m, nn.RNNBase))
+        self._slots: Optional[Tuple[_Slot, ...]] = None
 
     def __repr__(self) -> str:
         return f"Architecture({self.module!r})"
@@ -65,6 +68,13 @@ class Architecture:
         self, params: TensorDict, *args: Any, buffers: Optional[TensorDict] = None, **kwargs: Any
     ) -> Any:
         self.check(params, buffers)
+        if not self._rnns and not torch.compiler.is_compiling():
+            if self._slots is None:
+                self._slots = _tensor_slots(self.module, self.param_names, self.buffer_names)
+            if self._slots:
+                swaps = _resolve(self.module, self._slots, params, buffers)
+                if swaps is not None:
+                    return _swap_call(self.module, swaps, args, kwargs)
         state = dict(params) if buffers is None else {**params, **buffers}
         if not self._rnns:
             return torch.func.functional_call(self.module, state, args, kwargs)
@@ -99,6 +109,82 @@ class Architecture:
             return t if buffers is None else buffers[name]
 
         return rebuild(self.module, param, buffer)
+
+
+class _Slot(NamedTuple):
+    """Where one tensor of the dicts lives in the module tree (tied tensors have several)."""
+
+    path: Tuple[str, ...]  # submodule names from the root
+    is_param: bool  # in ``_parameters`` (else ``_buffers``)
+    attr: str
+    key: str  # its key in the params / buffers dict
+
+
+def _tensor_slots(
+    module: nn.Module, param_names: FrozenSet[str], buffer_names: FrozenSet[str]
+) -> Tuple[_Slot, ...]:
+    """Every parameter and buffer slot of ``module``, with the dict key its tensor has.
+
+    Empty (use ``torch.func.functional_call``) for trees it does not cover: a
+    TorchScript or DataParallel module, or a tensor that is both a parameter
+    and a buffer.
+    """
+    if isinstance(module, (torch.jit.ScriptModule, nn.DataParallel)):
+        return ()
+    first: Dict[int, Tuple[bool, str]] = {}
+    slots = []
+    for is_param, named in (
+        (True, module.named_parameters(remove_duplicate=False)),
+        (False, module.named_buffers(remove_duplicate=False)),
+    ):
+        for name, t in named:
+            kind, key = first.setdefault(id(t), (is_param, name))
+            if kind != is_param or key not in (param_names if is_param else buffer_names):
+                return ()
+            *path, attr = name.split(".")
+            slots.append(_Slot(tuple(path), is_param, attr, key))
+    return tuple(slots)
+
+
+def _resolve(
+    module: nn.Module, slots: Tuple[_Slot, ...], params: TensorDict, buffers: Optional[TensorDict]
+) -> Optional[List[Tuple[Dict[str, Any], str, Tensor]]]:
+    """``(slot dict, name, new tensor)`` for each slot to fill; None if the tree has changed shape."""
+    swaps = []
+    for s in slots:
+        if s.is_param:
+            new = params[s.key]
+        elif buffers is None:
+            continue
+        else:
+            new = buffers[s.key]
+        m = module
+        for name in s.path:
+            m = m._modules.get(name)  # type: ignore[assignment]
+            if m is None:
+                return None
+        d = m._parameters if s.is_param else m._buffers
+        if d.get(s.attr) is None:
+            return None
+        swaps.append((d, s.attr, new))
+    return swaps
+
+
+def _swap_call(
+    module: nn.Module, swaps: List[Tuple[Dict[str, Any], str, Tensor]], args: Tuple[Any, ...], kwargs: Any
+) -> Any:
+    # What torch.func.functional_call does for parameter and buffer names
+    # (tied names filled alike; tensors written straight into the slot dicts,
+    # the originals put back afterwards, even on error), without rebuilding
+    # the tied-name map and the member accessor on every call.
+    originals = [(d, name, d[name]) for d, name, _ in swaps]
+    try:
+        for d, name, new in swaps:
+            d[name] = new
+        return module(*args, **kwargs)
+    finally:
+        for d, name, old in reversed(originals):
+            d[name] = old
 
 
 def split(module: nn.Module) -> Tuple[Architecture, Params, Buffers]:
