@@ -43,10 +43,12 @@ turns in a rotating order, so a noisy neighbour hits them all alike), in
 milliseconds per meta-step. Ratios are against the MAML loop and against the
 floor.
 
-Run ``python benchmarks/bench_tasks.py`` (a few minutes on a 2-core CPU, most
-of it compiling), ``--workload W1|W2|W3|all``, ``--no-compile`` to skip
-compilation, ``--threads N`` for ``torch.set_num_threads``, or ``--quick``
-for a smoke run on tiny sizes (no compilation unless ``--compile``).
+Run ``python benchmarks/bench_tasks.py`` (tens of minutes on a busy 2-core
+CPU: W1 compiles for minutes, W2's steps take seconds),
+``--workload W1|W2|W3|all``, ``--no-compile`` to skip compilation
+(``--compile-w2`` to compile W2 as well, off by default), ``--threads N``
+for ``torch.set_num_threads``, or ``--quick`` for a smoke run on tiny sizes
+(no compilation unless ``--compile``).
 """
 
 from __future__ import annotations
@@ -443,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--workload", choices=("W1", "W2", "W3", "all"), default="all")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None, help="time compile")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled path")
-    parser.add_argument("--no-compile-w2", action="store_true", help="compile W1 only")
+    parser.add_argument("--compile-w2", action="store_true", help="compile W2 too (off by default: minutes)")
     parser.add_argument("--repeats", type=int, default=None, help="samples per path (median taken)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per path first")
     parser.add_argument("--target-ms", type=float, default=None, help="length of one sample")
@@ -481,10 +483,13 @@ def _run(
         if name not in want:
             continue
         torch.manual_seed(0)
-        comp = compile and not (name == "W2" and args.no_compile_w2)
-        rows = run_workload(make(), comp, repeats, warmup, target_s)
+        comp = compile and (name == "W1" or args.compile_w2)
+        # W2's steps take seconds each: fewer samples.
+        reps = repeats if name == "W1" else max(3, repeats // 3)
+        rows = run_workload(make(), comp, reps, warmup, target_s)
         if compile and not comp:
-            rows.insert(-1, Row(name, COMPILED, None, None, note="skipped (--no-compile-w2)"))
+            note = "skipped: compiles for over 3 min (--compile-w2)"
+            rows.insert(-1, Row(name, COMPILED, None, None, note=note))
         result["rows"] += rows
         print(format_table(rows) + "\n", flush=True)
     if "W3" in want:
