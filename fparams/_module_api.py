@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.distributions.transforms import Transform
 
-from ._state import TensorMemo, rebuild, rewrite
+from ._state import TensorMemo, named_params, rebuild, rewrite, tree
 
 
 def _clone_param(name: str, t: Tensor) -> Tensor:
@@ -95,8 +95,9 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
     rewrite(module, detach, detach)
 
 
-def _check_updates(module: nn.Module, updates: Sequence[Optional[Tensor]]) -> Dict[int, Tensor]:
-    named = list(module.named_parameters())
+def _check_updates(
+    named: Sequence[Tuple[str, Tensor]], updates: Sequence[Optional[Tensor]]
+) -> Dict[int, Tensor]:
     if len(updates) != len(named):
         raise ValueError(
             f"update_module: got {len(updates)} updates for {len(named)} parameters; "
@@ -168,13 +169,14 @@ def update_module(
             "update_module: `updates` must be a list with one tensor per parameter; "
             "got a single tensor. Wrap it in a list: updates=[u]."
         )
-    found = _check_updates(module, list(updates))
+    modules = tree(module)
+    found = _check_updates(named_params(modules), list(updates))
 
     def param(name: str, t: Tensor) -> Tensor:
         u = found.get(id(t))
         return t if u is None else t + u
 
-    rewrite(module, param, _add_update_attr, memo)
+    rewrite(module, param, _add_update_attr, memo, modules)
     return module
 
 

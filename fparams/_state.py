@@ -20,7 +20,7 @@ stay tied, and both refresh the flat-weight lists of RNN modules.
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -31,6 +31,9 @@ Replace = Callable[[str, Tensor], Tensor]
 #: Tensors already replaced: ``id(original) -> (original, replacement)``. The
 #: original is kept so that an id can never be recycled while the memo lives.
 TensorMemo = Dict[int, Tuple[Tensor, Tensor]]
+#: The modules of a tree in ``named_modules()`` order, each once, with the
+#: prefix its tensors' names start with (``""`` for the root, else ``"a.b."``).
+Tree = List[Tuple[str, nn.Module]]
 
 
 def state_dicts(module: nn.Module) -> Tuple[Params, Buffers]:
@@ -42,13 +45,25 @@ def state_dicts(module: nn.Module) -> Tuple[Params, Buffers]:
     return dict(module.named_parameters()), dict(module.named_buffers())
 
 
-def _replace(memo: TensorMemo, fn: Replace, name: str, t: Tensor) -> Tensor:
-    hit = memo.get(id(t))
-    if hit is not None and hit[0] is t:
-        return hit[1]
-    new = fn(name, t)
-    memo[id(t)] = (t, new)
-    return new
+def tree(module: nn.Module) -> Tree:
+    """``named_modules()`` as a list, with prefixes ready to prepend to a slot name.
+
+    Walked once and shared by the checks and the write-back of a shim, instead
+    of once by each (``named_parameters()`` walks the modules again).
+    """
+    return [(prefix + "." if prefix else "", m) for prefix, m in module.named_modules()]
+
+
+def named_params(modules: Tree) -> List[Tuple[str, Tensor]]:
+    """``list(named_parameters())`` of the tree that :func:`tree` walked."""
+    out: List[Tuple[str, Tensor]] = []
+    seen = set()
+    for prefix, m in modules:
+        for key, p in m._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                out.append((prefix + key, p))
+    return out
 
 
 def _refresh_rnn(module: nn.Module) -> None:
@@ -72,15 +87,30 @@ def _fill(
     buffers: Replace,
     memo: TensorMemo,
 ) -> None:
+    # The memo lookup is written out twice, not factored into a helper: this
+    # loop runs once per tensor slot on every clone and update.
     slots: Dict[str, Optional[Tensor]] = module._parameters  # type: ignore[assignment]
     for key, t in slots.items():
         if t is not None:
-            slots[key] = _replace(memo, params, prefix + key, t)
+            hit = memo.get(id(t))
+            if hit is None or hit[0] is not t:
+                new = params(prefix + key, t)
+                memo[id(t)] = (t, new)
+            else:
+                new = hit[1]
+            slots[key] = new
     bslots: Dict[str, Optional[Tensor]] = module._buffers
     for key, t in bslots.items():
         if t is not None:
-            bslots[key] = _replace(memo, buffers, prefix + key, t)
-    _refresh_rnn(module)
+            hit = memo.get(id(t))
+            if hit is None or hit[0] is not t:
+                new = buffers(prefix + key, t)
+                memo[id(t)] = (t, new)
+            else:
+                new = hit[1]
+            bslots[key] = new
+    if isinstance(module, nn.RNNBase):
+        _refresh_rnn(module)
 
 
 def rebuild(
@@ -116,7 +146,9 @@ def _copy(
     state["_parameters"] = module._parameters.copy()
     state["_buffers"] = module._buffers.copy()
     state["_modules"] = children = module._modules.copy()
-    new.__dict__ = state
+    # Not ``new.__dict__ = state``: that goes through Module.__setattr__, whose
+    # Parameter / Module / buffer checks cost more than the rest of the copy.
+    object.__setattr__(new, "__dict__", state)
     modules[id(module)] = new
     _fill(new, prefix, params, buffers, memo)
     for key, child in children.items():
@@ -130,12 +162,14 @@ def rewrite(
     params: Replace,
     buffers: Replace,
     memo: Optional[TensorMemo] = None,
+    modules: Optional[Tree] = None,
 ) -> None:
     """Replace the tensors in ``module``'s own slots, in place.
 
     This is the one place fparams changes a module; only the learn2learn
-    shims (``update_module``, ``detach_module``) call it.
+    shims (``update_module``, ``detach_module``) call it. ``modules`` is
+    ``tree(module)`` when the caller has already walked it.
     """
     memo = memo if memo is not None else {}
-    for prefix, m in module.named_modules():
-        _fill(m, prefix + "." if prefix else "", params, buffers, memo)
+    for prefix, m in modules if modules is not None else tree(module):
+        _fill(m, prefix, params, buffers, memo)
