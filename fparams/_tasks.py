@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -79,8 +80,12 @@ def choose_strategy(num_tasks: int, task_numel: int = 0) -> str:
 
 
 def _task_numel(batches: Sequence[Any]) -> int:
-    leaves = [t for t in pytree.tree_leaves(list(batches)) if isinstance(t, Tensor)]
-    return max((t[0].numel() for t in leaves), default=0)
+    # Shapes only (no tensor op, nothing torch.compile has to break on).
+    numel = 0
+    for t in pytree.tree_leaves(list(batches)):
+        if isinstance(t, Tensor):
+            numel = max(numel, math.prod(t.shape[1:]))
+    return numel
 
 
 def map_tasks(
