@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.distributions.transforms import Transform
 
-from ._state import TensorMemo, named_params, rebuild, rewrite, tree
+from ._state import TensorMemo, rebuild, rewrite, tree, unique_params
 
 
 def _clone_param(name: str, t: Tensor) -> Tensor:
@@ -96,29 +96,35 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
 
 
 def _check_updates(
-    named: Sequence[Tuple[str, Tensor]], updates: Sequence[Optional[Tensor]]
+    module: nn.Module, params: Sequence[Tensor], updates: Sequence[Optional[Tensor]]
 ) -> Dict[int, Tensor]:
-    if len(updates) != len(named):
+    if len(updates) != len(params):
         raise ValueError(
-            f"update_module: got {len(updates)} updates for {len(named)} parameters; "
+            f"update_module: got {len(updates)} updates for {len(params)} parameters; "
             f"give one update (or None) per tensor of module.parameters(), in that order."
         )
     found: Dict[int, Tensor] = {}
-    for (name, p), u in zip(named, updates):
+    for i, (p, u) in enumerate(zip(params, updates)):
         if u is None:
             continue
         if not isinstance(u, Tensor):
             raise TypeError(
-                f"update_module: the update for parameter {name!r} is a "
+                f"update_module: the update for parameter {_param_name(module, i)!r} is a "
                 f"{type(u).__name__}; updates must be tensors (or None to skip)."
             )
         if u.shape != p.shape:
             raise ValueError(
-                f"update_module: the update for parameter {name!r} has shape "
+                f"update_module: the update for parameter {_param_name(module, i)!r} has shape "
                 f"{tuple(u.shape)} but the parameter has shape {tuple(p.shape)}."
             )
         found[id(p)] = u
     return found
+
+
+def _param_name(module: nn.Module, i: int) -> str:
+    # Names only for error messages: building one per parameter on every
+    # update would cost more than the checks themselves.
+    return list(module.named_parameters())[i][0]
 
 
 def _add_update_attr(name: str, t: Tensor) -> Tensor:
@@ -170,7 +176,7 @@ def update_module(
             "got a single tensor. Wrap it in a list: updates=[u]."
         )
     modules = tree(module)
-    found = _check_updates(named_params(modules), list(updates))
+    found = _check_updates(module, unique_params(modules), list(updates))
 
     def param(name: str, t: Tensor) -> Tensor:
         u = found.get(id(t))

@@ -54,15 +54,15 @@ def tree(module: nn.Module) -> Tree:
     return [(prefix + "." if prefix else "", m) for prefix, m in module.named_modules()]
 
 
-def named_params(modules: Tree) -> List[Tuple[str, Tensor]]:
-    """``list(named_parameters())`` of the tree that :func:`tree` walked."""
-    out: List[Tuple[str, Tensor]] = []
+def unique_params(modules: Tree) -> List[Tensor]:
+    """``list(parameters())`` of the tree that :func:`tree` walked."""
+    out: List[Tensor] = []
     seen = set()
-    for prefix, m in modules:
-        for key, p in m._parameters.items():
+    for _, m in modules:
+        for p in m._parameters.values():
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
-                out.append((prefix + key, p))
+                out.append(p)
     return out
 
 
