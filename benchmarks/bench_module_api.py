@@ -21,13 +21,18 @@ Paths:
 * ``fparams shims``: ``fparams.clone_module`` then ``fparams.update_module``.
 * ``fparams dict``: ``fparams.split`` once, outside the loop; per iteration
   ``fparams.clone`` -> ``fparams.apply_updates`` -> ``arch(params, x)``.
+* ``dict, no clone``: the same without ``fparams.clone``, which the dict path
+  does not need: ``apply_updates`` already returns new tensors, in the graph,
+  and leaves ``params`` as they were.
 
 The updates are ``-lr * g`` with ``g`` from ``torch.autograd.grad(...,
 create_graph=True)``, computed once: every path pays for the same tensor
 work, so the differences are the cost of each path's bookkeeping.
 
 Two columns: ``clone+update`` (no forward) and ``+forward`` (the adapted model
-run on the input). ``forward only`` runs the original module, for scale.
+run on the input). For scale, ``tensor ops only`` is the floor every path
+shares (``p.clone() + u`` per parameter, no bookkeeping; its ``+forward`` runs
+the original module) and ``forward only`` runs the original module alone.
 
 Torch runs on one thread while timing (``--threads``), as
 ``torch.utils.benchmark.Timer`` does. On a busy machine ``--clock cpu`` (the
@@ -58,8 +63,10 @@ SHALLOW = "shallow copy (l2l)"
 DEEPCOPY = "copy.deepcopy"
 SHIMS = "fparams shims"
 DICT = "fparams dict"
+DICT_NO_CLONE = "dict, no clone"
+FLOOR = "tensor ops only"
 FORWARD = "forward only"
-PATHS = (SHALLOW, DEEPCOPY, SHIMS, DICT, FORWARD)
+PATHS = (SHALLOW, DEEPCOPY, SHIMS, DICT, DICT_NO_CLONE, FLOOR, FORWARD)
 
 
 # -- models -----------------------------------------------------------------
@@ -216,14 +223,22 @@ def _paths(case: Case, lr: float = 0.01) -> Dict[str, Dict[str, Callable[[], Any
     def shims() -> nn.Module:
         return fparams.update_module(fparams.clone_module(net), updates)
 
+    def floor() -> List[Tensor]:
+        return [p.clone() + u for p, u in zip(params, updates)]
+
     def dict_adapt() -> Dict[str, Tensor]:
         return fparams.apply_updates(fparams.clone(pdict), udict)
+
+    def dict_no_clone() -> Dict[str, Tensor]:
+        return fparams.apply_updates(pdict, udict)
 
     return {
         SHALLOW: {"adapt": shallow, "total": lambda: shallow()(x)},
         DEEPCOPY: {"adapt": deep, "total": lambda: deep()(x)},
         SHIMS: {"adapt": shims, "total": lambda: shims()(x)},
         DICT: {"adapt": dict_adapt, "total": lambda: arch(dict_adapt(), x)},
+        DICT_NO_CLONE: {"adapt": dict_no_clone, "total": lambda: arch(dict_no_clone(), x)},
+        FLOOR: {"adapt": floor, "total": lambda: (floor(), net(x))},
         FORWARD: {"total": lambda: net(x)},
     }
 
