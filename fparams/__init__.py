@@ -5,6 +5,9 @@ dicts; cloning, detaching and updating are pure dict transforms run through
 ``torch.func.functional_call``. learn2learn's module API is kept as thin shims.
 """
 
+# Submodules with names of their own: fparams.optim.adam, fparams.distributed.shard_tasks.
+from . import distributed as distributed
+from . import optim as optim
 from ._call import Architecture, split
 from ._compile import CompileFallbackWarning
 from ._compile import compile_fallback as compile
