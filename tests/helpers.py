@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Set
 
 import torch
 from torch import Tensor, nn
@@ -267,16 +266,3 @@ def autograd_ops(t: Tensor) -> Set[str]:
         names.add(type(node).__name__)
         stack.extend(n for n, _ in node.next_functions)
     return names
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op threads. The tests' tensors are tiny: one thread is
-    as fast, and avoids OpenMP spin-waits (native BatchNorm got ~100x slower with
-    two threads on two busy shared cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

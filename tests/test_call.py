@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict
 
 import pytest
 import torch
@@ -23,15 +23,7 @@ from tests.helpers import (
     make_target,
     module_snapshot,
     snapshot,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
 
 ALL = sorted(NETS)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
 import torch
@@ -17,14 +17,7 @@ from tests.helpers import (
     ref_adapt,
     task_data,
     task_slice,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def _params() -> Dict[str, Tensor]:

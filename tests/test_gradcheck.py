@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import fparams
-from tests.helpers import loss_fn, task_data, torch_threads
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
+from tests.helpers import loss_fn, task_data
 
 NORMS: Dict[str, Callable[[], Optional[nn.Module]]] = {
     "none": lambda: None,

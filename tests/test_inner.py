@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict
 
 import pytest
 import torch
@@ -17,15 +17,7 @@ from tests.helpers import (
     ref_adapt,
     rel_err,
     task_data,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

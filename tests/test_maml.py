@@ -8,7 +8,7 @@ functionally: one step is ``p - lr * g`` with ``g`` from
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import pytest
 import torch
@@ -24,15 +24,7 @@ from tests.helpers import (
     loss_fn,
     module_snapshot,
     task_data,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

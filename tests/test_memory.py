@@ -16,23 +16,17 @@ from __future__ import annotations
 import gc
 import os
 import weakref
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import fparams
-from tests.helpers import loss_fn, torch_threads
+from tests.helpers import loss_fn
 
 CYCLES = 500
 Cycle = Callable[[], List["weakref.ReferenceType[Tensor]"]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 def _rss_mib() -> float:

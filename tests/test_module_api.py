@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -30,15 +30,7 @@ from tests.helpers import (
     make_net,
     make_target,
     module_snapshot,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
 
 ALL = sorted(NETS)
 RECURRENT = ["rnn", "lstm", "gru"]

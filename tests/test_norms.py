@@ -8,7 +8,7 @@ native batch_norm / layer_norm, while fparams.map_tasks is exact.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -26,15 +26,7 @@ from tests.helpers import (
     rel_err,
     task_data,
     task_slice,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

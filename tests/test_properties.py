@@ -10,22 +10,15 @@ train or eval mode.
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
-import pytest
 import torch
 from hypothesis import given, note
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import fparams
-from tests.helpers import flat_weights_follow_slots, grads_of, torch_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+from tests.helpers import flat_weights_follow_slots, grads_of
 
 
 class LastStep(nn.Module):

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Iterator, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 import fparams
-from tests.helpers import loss_fn, torch_threads
+from tests.helpers import loss_fn
 
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
 
 
 class TinyTied(nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -20,15 +20,7 @@ from tests.helpers import (
     ref_adapt,
     task_data,
     task_slice,
-    torch_threads,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
-
 
 T = 5  # tasks; chunks of 2 leave a remainder, chunks of 5 do not
 TOL = dict(rtol=1e-9, atol=1e-11)

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, Iterator
+from typing import Any, Callable, Dict
 
 import pytest
 import torch
 from torch import Tensor
 
 import fparams
-from tests.helpers import assert_untouched, snapshot, torch_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    with torch_threads(1):
-        yield
+from tests.helpers import assert_untouched, snapshot
 
 
 def _params() -> Dict[str, Tensor]:
