@@ -55,6 +55,7 @@ def mask(where: str, tensors: Mapping[str, Tensor], filter: Filter) -> List[bool
         shown = ", ".join(repr(getattr(p, "pattern", p)) for p in unused)
         raise ValueError(
             f"{where}: filter pattern(s) {shown} match no name; the names are "
-            f"{sorted(names)}. Fix the pattern (globs use '*', e.g. 'head.*')."
+            f"{sorted(names)}. Fix the pattern: strings are globs ('head.*'); for a regular "
+            f"expression pass re.compile(...)."
         )
     return [any(_matches(p, n) for p in patterns) for n in names]

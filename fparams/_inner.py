@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._transforms import partition
+from ._transforms import check_rate_shapes, partition
 from ._types import LR, Filter, Params, TensorDict
 
 
@@ -106,10 +106,12 @@ def adapt(
             return loss_fn({**fast, **frozen}, *a, buffers=b)
 
         grad_fn = functools.partial(_with_buffers, torch.func.grad(inner_b), buffers)
+    grad_fn = functools.partial(_explained, grad_fn)
     if is_optimizer(lr):
         trainable = _optimizer_steps(grad_fn, lr, trainable, args, steps, first_order)
     else:
         rates = check_rates(where, lr, trainable, params)
+        check_rate_shapes(where, rates, trainable)
         for _ in range(steps):
             grads = grad_fn(trainable, *args)
             if first_order:
@@ -117,6 +119,29 @@ def adapt(
             trainable = {k: p - rates[k] * grads[k] for k, p in trainable.items()}
     # the caller's key order, so that zipping names with values stays safe
     return {k: trainable[k] if k in trainable else frozen[k] for k in params}
+
+
+def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any) -> Params:
+    # torch.func's own messages for the two mistakes users make most, in our words.
+    try:
+        return grad_fn(fast, *a)
+    except RuntimeError as err:
+        text = str(err)
+        if "captured Tensor" in text:
+            raise ValueError(
+                "fparams.adapt: a layer updated a tensor in place that the inner loop does not "
+                "own (usually BatchNorm's running statistics in train mode). Pass the buffers "
+                "explicitly: fparams.adapt(loss_fn, params, ..., buffers=b) with "
+                "loss_fn(params, ..., buffers) calling arch(params, x, buffers=buffers); or use "
+                "batch statistics only (map_tasks(..., batch_stats=True) / "
+                "fparams.exact_norms(batch_stats=True)), or module.eval()."
+            ) from err
+        if "scalar" in text and "grad" in text:
+            raise ValueError(
+                "fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); "
+                f"torch said: {text.splitlines()[0]}"
+            ) from err
+        raise
 
 
 def _with_buffers(grad_fn: Callable[..., Params], buffers: TensorDict, fast: Params, *a: Any) -> Params:

@@ -92,6 +92,16 @@ class MAML(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # learn2learn's learners fall back to the wrapped module's attributes.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
+
     def adapt(
         self,
         loss: Tensor,
@@ -183,6 +193,16 @@ class MetaSGD(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # learn2learn's learners fall back to the wrapped module's attributes.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
 
     def clone(self) -> MetaSGD:
         """A learner with a cloned module and cloned rates, still in the graph."""

@@ -48,7 +48,7 @@ def _shared_stats_error(layer: str, err: RuntimeError) -> ValueError:
 
 def _is_stats_error(err: RuntimeError) -> bool:
     text = str(err)
-    return "vmap" in text or "captured" in text
+    return "vmap" in text or "captured" in text or "doesn't match the broadcast shape" in text
 
 
 def _update_running(running: Tensor, value: Tensor, momentum: float, layer: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -38,6 +38,8 @@ def _num_tasks(where: str, batches: Sequence[Any]) -> int:
     if len(counts) > 1:
         shown = ", ".join(f"{label}: {n}" for label, n in sizes)
         raise ValueError(f"{where}: the task arguments disagree on the number of tasks (dim 0): {shown}.")
+    if sizes[0][1] == 0:
+        raise ValueError(f"{where}: the task arguments hold 0 tasks (dim 0 has size 0).")
     return sizes[0][1]
 
 
@@ -137,6 +139,8 @@ def map_tasks(
         torch.Size([4])
     """
     where = "fparams.map_tasks"
+    if not callable(fn):
+        raise TypeError(f"{where}: `fn` must be a callable fn(params, *task); got {type(fn).__name__}.")
     if strategy not in STRATEGIES:
         raise ValueError(f"{where}: `strategy` must be one of {STRATEGIES}; got {strategy!r}.")
     if randomness not in RANDOMNESS:
@@ -201,9 +205,24 @@ def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
         >>> fparams.stack_tasks({"running_mean": torch.zeros(3)}, 4)["running_mean"].shape
         torch.Size([4, 3])
     """
+    if not isinstance(tensors, Mapping):
+        raise TypeError(
+            f"fparams.stack_tasks: `tensors` must be a dict of tensors (e.g. the buffers from "
+            f"fparams.split); got {type(tensors).__name__}."
+        )
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"fparams.stack_tasks: `num_tasks` must be an int >= 1; got {num_tasks!r}.")
     return {k: t.detach().unsqueeze(0).repeat(num_tasks, *([1] * t.dim())) for k, t in tensors.items()}
+
+
+def _per_task_losses(out: Any) -> Tensor:
+    if not isinstance(out, Tensor) or out.dim() != 1:
+        shape = tuple(out.shape[1:]) if isinstance(out, Tensor) and out.dim() > 0 else None
+        raise ValueError(
+            f"fparams.meta_value_and_grad: `task_fn` must return one scalar loss per task; it "
+            f"returned {type(out).__name__} with per-task shape {shape}. Reduce it, e.g. .mean()."
+        )
+    return out
 
 
 def meta_value_and_grad(
@@ -247,8 +266,8 @@ def meta_value_and_grad(
                 raise ValueError(
                     "fparams.meta_value_and_grad: has_aux=True needs task_fn to return (loss, aux)."
                 )
-            return out[0].mean(), out[1]
-        return out.mean()
+            return _per_task_losses(out[0]).mean(), out[1]
+        return _per_task_losses(out).mean()
 
     def step(params: Any, *task_batches: Any) -> Any:
         grads, value = torch.func.grad_and_value(objective, has_aux=has_aux)(params, *task_batches)

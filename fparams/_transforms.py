@@ -34,6 +34,32 @@ def _check_keys(where: str, arg: str, keys: Mapping[str, object], allowed: Mappi
         )
 
 
+def _check_shapes(where: str, arg: str, given: Mapping[str, object], params: TensorDict) -> None:
+    """Every tensor of ``given`` has exactly its parameter's shape (no silent broadcasting)."""
+    for k, t in given.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{where}: `{arg}[{k!r}]` is a {type(t).__name__}; give a tensor (or leave the key out)."
+            )
+        if t.shape != params[k].shape:
+            raise ValueError(
+                f"{where}: `{arg}[{k!r}]` has shape {tuple(t.shape)} but the parameter has shape "
+                f"{tuple(params[k].shape)}."
+            )
+
+
+def check_rate_shapes(where: str, lr: object, params: TensorDict) -> None:
+    """A tensor learning rate must broadcast to each parameter's shape without changing it."""
+    for k, p in params.items():
+        rate = lr[k] if isinstance(lr, Mapping) else lr
+        if isinstance(rate, Tensor) and torch.broadcast_shapes(rate.shape, p.shape) != p.shape:
+            raise ValueError(
+                f"{where}: the learning rate for {k!r} has shape {tuple(rate.shape)}, which would "
+                f"change the parameter's shape {tuple(p.shape)}; give a scalar or a tensor of the "
+                f"parameter's shape."
+            )
+
+
 def clone(tensors: TensorDict) -> Dict[str, Tensor]:
     """A copy of every tensor that stays in the autograd graph (``t.clone()``).
 
@@ -77,6 +103,7 @@ def apply_updates(params: TensorDict, updates: Updates) -> Dict[str, Tensor]:
     _check_dict("fparams.apply_updates", "params", params)
     _check_dict("fparams.apply_updates", "updates", updates)
     _check_keys("fparams.apply_updates", "updates", updates, params)
+    _check_shapes("fparams.apply_updates", "updates", updates, params)
     return {k: (p + updates[k] if k in updates else p) for k, p in params.items()}
 
 
@@ -102,6 +129,7 @@ def sgd_step(params: TensorDict, grads: Grads, lr: LR) -> Dict[str, Tensor]:
     _check_dict(where, "params", params)
     _check_dict(where, "grads", grads)
     _check_keys(where, "grads", grads, params)
+    _check_shapes(where, "grads", grads, params)
     if isinstance(lr, Mapping):
         missing = [k for k in grads if k not in lr]
         if missing:
@@ -113,6 +141,7 @@ def sgd_step(params: TensorDict, grads: Grads, lr: LR) -> Dict[str, Tensor]:
         raise TypeError(
             f"{where}: `lr` must be a number, a tensor or a dict of tensors; got {type(lr).__name__}."
         )
+    check_rate_shapes(where, lr, {k: params[k] for k in grads})
     rate = _lr_for(lr)
     return {k: (p - rate(k) * grads[k] if k in grads else p) for k, p in params.items()}  # type: ignore[operator]
 
