@@ -47,7 +47,27 @@ def _grads(
     return [next(it) if p.requires_grad else None for p in params]
 
 
-class MAML(nn.Module):
+class _Learner(nn.Module):
+    """What both learners share: ``forward`` runs ``self.module``, and other
+    attributes fall back to the module's, as learn2learn's ``BaseLearner`` does."""
+
+    module: nn.Module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # learn2learn's learners fall back to the wrapped module's attributes.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__.get("_modules", {}).get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
+
+
+class MAML(_Learner):
     """Model-Agnostic Meta-Learning (Finn et al. 2017), learn2learn's API.
 
     Args:
@@ -88,19 +108,6 @@ class MAML(nn.Module):
         self.allow_nograd = allow_nograd
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
         self._opt_state: Any = None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        # learn2learn's learners fall back to the wrapped module's attributes.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            module = self.__dict__.get("_modules", {}).get("module")
-            if module is None:
-                raise
-            return getattr(module, name)
 
     def adapt(
         self,
@@ -146,7 +153,7 @@ class MAML(nn.Module):
         )
 
 
-class MetaSGD(nn.Module):
+class MetaSGD(_Learner):
     """Meta-SGD (Li et al. 2017): MAML with one learned rate per parameter entry.
 
     ``lrs`` holds one rate tensor per tensor of ``model.parameters()``
@@ -190,19 +197,6 @@ class MetaSGD(nn.Module):
             rates = lrs
         self.lrs = rates
         self.first_order = first_order
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        # learn2learn's learners fall back to the wrapped module's attributes.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            module = self.__dict__.get("_modules", {}).get("module")
-            if module is None:
-                raise
-            return getattr(module, name)
 
     def clone(self) -> MetaSGD:
         """A learner with a cloned module and cloned rates, still in the graph."""
