@@ -185,16 +185,27 @@ def _per_task_mse(out: Tensor, y: Tensor) -> Tensor:
     return (out - y).pow(2).flatten(1).mean(1)
 
 
-def mlp_floor(net: nn.Module, data: List[Tensor], sizes: Sizes) -> List[Tensor]:
+def _hand_batched(
+    net: nn.Module,
+    data: List[Tensor],
+    sizes: Sizes,
+    forward: Callable[..., Tensor],
+    loss: Callable[..., Tensor],
+) -> List[Tensor]:
+    # The floor: weights expanded per task, inner steps with autograd.grad(create_graph=True).
     xs, ys, xq, yq = data
     n = xs.size(0)
     ws = [p.expand(n, *p.shape) for p in net.parameters()]
     for _ in range(sizes.steps):
-        inner = _per_task_mse(_mlp_forward(ws, xs), ys).sum()
+        inner = loss(forward(ws, xs), ys).sum()
         grads = torch.autograd.grad(inner, ws, create_graph=True)
         ws = [w - sizes.lr * g for w, g in zip(ws, grads)]
-    _per_task_mse(_mlp_forward(ws, xq), yq).mean().backward()
+    loss(forward(ws, xq), yq).mean().backward()
     return [p.grad for p in net.parameters()]  # type: ignore[misc]
+
+
+def mlp_floor(net: nn.Module, data: List[Tensor], sizes: Sizes) -> List[Tensor]:
+    return _hand_batched(net, data, sizes, _mlp_forward, _per_task_mse)
 
 
 def _conv_forward(ws: Sequence[Tensor], x: Tensor) -> Tensor:
@@ -217,15 +228,7 @@ def _per_task_ce(logits: Tensor, y: Tensor) -> Tensor:
 
 
 def conv_floor(net: nn.Module, data: List[Tensor], sizes: Sizes) -> List[Tensor]:
-    xs, ys, xq, yq = data
-    n = xs.size(0)
-    ws = [p.expand(n, *p.shape) for p in net.parameters()]
-    for _ in range(sizes.steps):
-        inner = _per_task_ce(_conv_forward(ws, xs), ys).sum()
-        grads = torch.autograd.grad(inner, ws, create_graph=True)
-        ws = [w - sizes.lr * g for w, g in zip(ws, grads)]
-    _per_task_ce(_conv_forward(ws, xq), yq).mean().backward()
-    return [p.grad for p in net.parameters()]  # type: ignore[misc]
+    return _hand_batched(net, data, sizes, _conv_forward, _per_task_ce)
 
 
 def w1(sizes: Sizes, tasks: Optional[int] = None) -> Workload:

@@ -8,20 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from ._state import _refresh_rnn, rebuild, state_dicts
+from ._transforms import key_mismatch
 from ._types import Buffers, Params, TensorDict
 
 
 def _key_error(where: str, arg: str, given: Mapping[str, Any], expected: FrozenSet[str]) -> ValueError:
-    missing = sorted(expected - given.keys())
-    unexpected = sorted(given.keys() - expected)
-    parts = []
-    if missing:
-        parts.append("Missing key(s): " + ", ".join(repr(k) for k in missing) + ".")
-    if unexpected:
-        parts.append("Unexpected key(s): " + ", ".join(repr(k) for k in unexpected) + ".")
     return ValueError(
-        f"{where}: `{arg}` does not match the module. {' '.join(parts)} Pass every "
-        f"name from fparams.split(module) (fparams.combine(adapted, rest) joins a "
+        f"{where}: `{arg}` does not match the module. {key_mismatch(given, dict.fromkeys(expected))} "
+        f"Pass every name from fparams.split(module) (fparams.combine(adapted, rest) joins a "
         f"partition back together)."
     )
 

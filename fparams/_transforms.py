@@ -25,6 +25,18 @@ def _check_dict(where: str, arg: str, value: object) -> None:
         )
 
 
+def key_mismatch(given: Mapping[str, object], expected: Mapping[str, object]) -> str:
+    """``"Missing key(s): 'a'. Unexpected key(s): 'b'."``, sorted, for error messages."""
+    parts = []
+    missing = sorted(k for k in expected if k not in given)
+    unexpected = sorted(k for k in given if k not in expected)
+    if missing:
+        parts.append("Missing key(s): " + ", ".join(repr(k) for k in missing) + ".")
+    if unexpected:
+        parts.append("Unexpected key(s): " + ", ".join(repr(k) for k in unexpected) + ".")
+    return " ".join(parts)
+
+
 def _check_keys(where: str, arg: str, keys: Mapping[str, object], allowed: Mapping[str, object]) -> None:
     extra = [k for k in keys if k not in allowed]
     if extra:

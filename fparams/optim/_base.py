@@ -15,7 +15,7 @@ from typing import Any, Mapping, NamedTuple, Optional, Protocol, Tuple, Type, Un
 import torch
 from torch import Tensor
 
-from .._transforms import _check_dict
+from .._transforms import _check_dict, key_mismatch
 from .._types import TensorDict, Updates
 
 #: A hyperparameter: a number, or a tensor (which may require grad and then
@@ -137,16 +137,9 @@ def check_grads(where: str, grads: object, expected: Mapping[str, object]) -> No
     assert isinstance(grads, Mapping)
     if grads.keys() == expected.keys():
         return
-    parts = []
-    missing = sorted(expected.keys() - grads.keys())
-    unexpected = sorted(grads.keys() - expected.keys())
-    if missing:
-        parts.append("Missing key(s): " + ", ".join(repr(k) for k in missing) + ".")
-    if unexpected:
-        parts.append("Unexpected key(s): " + ", ".join(repr(k) for k in unexpected) + ".")
     raise ValueError(
         f"{where}: `grads` does not have the names the state was initialised with. "
-        f"{' '.join(parts)} Call init() with the params that get gradients "
+        f"{key_mismatch(grads, expected)} Call init() with the params that get gradients "
         f"(fparams.partition(params, filter) splits them off)."
     )
 
