@@ -45,7 +45,8 @@ floor.
 
 Run ``python benchmarks/bench_tasks.py`` (tens of minutes on a busy 2-core
 CPU: W1 compiles for minutes, W2's steps take seconds),
-``--workload W1|W2|W3|all``, ``--no-compile`` to skip compilation
+``--workload W1|W2|W3|all``, ``--clock cpu`` to time the process's CPU
+time (steadier when other processes share the cores), ``--no-compile`` to skip compilation
 (``--compile-w2`` to compile W2 as well, off by default), ``--threads N``
 for ``torch.set_num_threads``, or ``--quick`` for a smoke run on tiny sizes
 (no compilation unless ``--compile``).
@@ -317,15 +318,24 @@ def rel_err(got: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
 # -- timing -----------------------------------------------------------------------
 
 
-def _once(fn: Callable[[], Any], number: int) -> float:
-    start = time.perf_counter()
+#: ``--clock``: wall time, or the process's CPU time (steadier while other
+#: processes share the cores; it leaves out time spent waiting for a core).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _once(fn: Callable[[], Any], number: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     for _ in range(number):
         fn()
-    return (time.perf_counter() - start) / number
+    return (clock() - start) / number
 
 
 def time_interleaved(
-    fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int, target_s: float
+    fns: Dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int,
+    target_s: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, float]:
     """Median seconds per call of each function, the functions taking turns in a rotating order."""
     names = list(fns)
@@ -339,7 +349,7 @@ def time_interleaved(
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             gc.collect()
-            samples[name].append(_once(fns[name], numbers[name]))
+            samples[name].append(_once(fns[name], numbers[name], clock))
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
@@ -354,7 +364,14 @@ def _first_call(fn: Callable[[], List[Tensor]]) -> tuple:
     return result, seconds, fell_back[0] if fell_back else ""
 
 
-def run_workload(wl: Workload, compile: bool, repeats: int, warmup: int, target_s: float) -> List[Row]:
+def run_workload(
+    wl: Workload,
+    compile: bool,
+    repeats: int,
+    warmup: int,
+    target_s: float,
+    clock: Callable[[], float] = time.perf_counter,
+) -> List[Row]:
     fns = paths(wl, compile)
     ref = _grads_of_call(fns[LOOP])
     errors: Dict[str, float] = {}
@@ -372,7 +389,7 @@ def run_workload(wl: Workload, compile: bool, repeats: int, warmup: int, target_
                 f"{wl.name}: {name} meta-gradient differs from the MAML loop's: relative error "
                 f"{errors[name]:.2e} > {TOLERANCE:g}"
             )
-    med = time_interleaved(fns, repeats, warmup, target_s)
+    med = time_interleaved(fns, repeats, warmup, target_s, clock)
     return [
         Row(wl.name, name, med[name] * 1e3, errors[name], compile_s.get(name), notes.get(name, ""))
         for name in fns
@@ -384,7 +401,12 @@ def _grads_of_call(fn: Callable[[], List[Tensor]]) -> List[Tensor]:
 
 
 def run_w3(
-    sizes: Sizes, tasks: Sequence[int], repeats: int, warmup: int, target_s: float
+    sizes: Sizes,
+    tasks: Sequence[int],
+    repeats: int,
+    warmup: int,
+    target_s: float,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> List[PerTaskRow]:
     rows = []
     for n in tasks:
@@ -398,7 +420,7 @@ def run_w3(
             if e > TOLERANCE:
                 raise AssertionError(f"W3 at {n} tasks: {k} differs from the MAML loop: {e:.2e}")
         # Few samples for the long loops: scale the repeats down with the task count.
-        med = time_interleaved(chosen, max(3, repeats * 8 // max(n, 8)), warmup, target_s)
+        med = time_interleaved(chosen, max(3, repeats * 8 // max(n, 8)), warmup, target_s, clock)
         rows += [PerTaskRow(n, k, med[k] * 1e3, errs[k]) for k in chosen]
     return rows
 
@@ -453,6 +475,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls per path first")
     parser.add_argument("--target-ms", type=float, default=None, help="length of one sample")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or the process's CPU time"
+    )
     args = parser.parse_args(argv)
     compile = (not args.quick) if args.compile is None else args.compile
     repeats = args.repeats if args.repeats is not None else (1 if args.quick else 15)
@@ -479,7 +504,8 @@ def _run(
 
     print(f"torch {torch.__version__}, fparams {fparams.__version__}, {torch.get_num_threads()} threads")
     print(
-        f"median of {repeats} interleaved samples of ~{target_s * 1e3:g} ms; meta-gradients checked first\n"
+        f"{args.clock} clock, median of {repeats} interleaved samples of ~{target_s * 1e3:g} ms; "
+        f"meta-gradients checked first\n"
     )
     result: Dict[str, Any] = {"rows": [], "per_task": []}
     for name, make in (("W1", lambda: w1(s1)), ("W2", lambda: w2(s2))):
@@ -489,14 +515,14 @@ def _run(
         comp = compile and (name == "W1" or args.compile_w2)
         # W2's steps take seconds each: fewer samples.
         reps = repeats if name == "W1" else max(3, repeats // 3)
-        rows = run_workload(make(), comp, reps, warmup, target_s)
+        rows = run_workload(make(), comp, reps, warmup, target_s, CLOCKS[args.clock])
         if compile and not comp:
             note = "skipped: compiles for over 3 min (--compile-w2)"
             rows.insert(-1, Row(name, COMPILED, None, None, note=note))
         result["rows"] += rows
         print(format_table(rows) + "\n", flush=True)
     if "W3" in want:
-        per_task = run_w3(s1, s3, repeats, warmup, target_s)
+        per_task = run_w3(s1, s3, repeats, warmup, target_s, CLOCKS[args.clock])
         result["per_task"] = per_task
         print("W3: W1 per task\n" + format_per_task(per_task) + "\n", flush=True)
     return result
