@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
@@ -9,6 +10,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._grads import grad_route, inner_grad
+from ._norms import innermost_exact_norms
 from ._transforms import check_rate_shapes, partition
 from ._types import LR, Filter, Params, TensorDict
 
@@ -94,29 +97,33 @@ def adapt(
     if not trainable:
         raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")
 
+    # The route depends only on the transforms active now: chosen once, not per step.
+    route = grad_route()
+    create_graph = torch.is_grad_enabled() and not first_order
+    norms = innermost_exact_norms()
+    if norms is not None:
+        # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.
+        loss_fn = norms.around(loss_fn)
     if buffers is None:
 
         def inner(fast: Params, *a: Any) -> Tensor:
             return loss_fn({**fast, **frozen}, *a)
 
-        grad_fn = torch.func.grad(inner)
+        grad_fn = inner_grad(inner, route, create_graph)
     else:
 
         def inner_b(fast: Params, b: TensorDict, *a: Any) -> Tensor:
             return loss_fn({**fast, **frozen}, *a, buffers=b)
 
-        grad_fn = functools.partial(_with_buffers, torch.func.grad(inner_b), buffers)
+        grad_fn = functools.partial(_with_buffers, inner_grad(inner_b, route, create_graph), buffers)
     grad_fn = functools.partial(_explained, grad_fn)
-    if is_optimizer(lr):
-        trainable = _optimizer_steps(grad_fn, lr, trainable, args, steps, first_order)
-    else:
-        rates = check_rates(where, lr, trainable, params)
-        check_rate_shapes(where, rates, trainable)
-        for _ in range(steps):
-            grads = grad_fn(trainable, *args)
-            if first_order:
-                grads = {k: g.detach() for k, g in grads.items()}
-            trainable = {k: p - rates[k] * grads[k] for k, p in trainable.items()}
+    with norms.suspended() if norms is not None else contextlib.nullcontext():
+        if is_optimizer(lr):
+            trainable = _optimizer_steps(grad_fn, lr, trainable, args, steps, first_order)
+        else:
+            rates = check_rates(where, lr, trainable, params)
+            check_rate_shapes(where, rates, trainable)
+            trainable = _sgd_steps(grad_fn, rates, trainable, args, steps, first_order)
     # the caller's key order, so that zipping names with values stays safe
     return {k: trainable[k] if k in trainable else frozen[k] for k in params}
 
@@ -146,6 +153,27 @@ def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any) -> Params:
 
 def _with_buffers(grad_fn: Callable[..., Params], buffers: TensorDict, fast: Params, *a: Any) -> Params:
     return grad_fn(fast, buffers, *a)
+
+
+def _sgd_steps(
+    grad_fn: Callable[..., Params],
+    rates: Dict[str, Any],
+    trainable: Params,
+    args: Tuple[Any, ...],
+    steps: int,
+    first_order: bool,
+) -> Params:
+    for _ in range(steps):
+        grads = grad_fn(trainable, *args)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        trainable = {k: _step(p, rates[k], grads[k]) for k, p in trainable.items()}
+    return trainable
+
+
+def _step(p: Tensor, rate: Any, grad: Tensor) -> Tensor:
+    # one op for a number, where ``p - rate * grad`` takes two
+    return p.sub(grad, alpha=float(rate)) if isinstance(rate, numbers.Real) else p - rate * grad
 
 
 def _optimizer_steps(

@@ -17,14 +17,17 @@ statistics of the batch at hand and leaves running statistics (and
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
+
+from ._grads import grad_route, unbatched_under_vmap
 
 
 def _affine(out: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: List[int]) -> Tensor:
@@ -35,7 +38,7 @@ def _affine(out: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape
     return out
 
 
-def _shared_stats_error(layer: str, err: RuntimeError) -> ValueError:
+def _shared_stats_error(layer: str, err: object) -> ValueError:
     return ValueError(
         f"fparams.exact_norms: a {layer} layer in train mode updates running statistics that "
         f"are shared across tasks or captured from outside a torch.func transform ({err}). "
@@ -51,7 +54,15 @@ def _is_stats_error(err: RuntimeError) -> bool:
     return "vmap" in text or "captured" in text or "doesn't match the broadcast shape" in text
 
 
-def _update_running(running: Tensor, value: Tensor, momentum: float, layer: str) -> None:
+#: Called with (running tensor, layer name) before a running statistic changes.
+Guard = Callable[[Tensor, str], None]
+
+
+def _update_running(
+    running: Tensor, value: Tensor, momentum: float, layer: str, guard: Optional[Guard] = None
+) -> None:
+    if guard is not None:
+        guard(running, layer)
     try:
         with torch.no_grad():
             running.mul_(1.0 - momentum).add_(value.detach(), alpha=momentum)
@@ -76,6 +87,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     batch_stats: bool = False,
+    guard: Optional[Guard] = None,
 ) -> Tensor:
     """``F.batch_norm`` with plain tensor ops (see the module docstring)."""
     shape = _channel_shape(input)
@@ -85,8 +97,8 @@ def batch_norm(
         var = input.var(dims, correction=0)
         if training and not batch_stats and running_mean is not None and running_var is not None:
             n = input.numel() // input.size(1)
-            _update_running(running_mean, mean, momentum, "BatchNorm")
-            _update_running(running_var, var * (n / max(n - 1, 1)), momentum, "BatchNorm")
+            _update_running(running_mean, mean, momentum, "BatchNorm", guard)
+            _update_running(running_var, var * (n / max(n - 1, 1)), momentum, "BatchNorm", guard)
     else:
         mean, var = running_mean, running_var
     out = (input - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
@@ -104,6 +116,7 @@ def instance_norm(
     eps: float = 1e-5,
     *,
     batch_stats: bool = False,
+    guard: Optional[Guard] = None,
 ) -> Tensor:
     """``F.instance_norm`` with plain tensor ops."""
     shape = _channel_shape(input)
@@ -114,9 +127,9 @@ def instance_norm(
         if use_input_stats and not batch_stats and running_mean is not None and running_var is not None:
             n = input[0, 0].numel()
             flat = [input.size(0), input.size(1)]
-            _update_running(running_mean, mean.reshape(flat).mean(0), momentum, "InstanceNorm")
+            _update_running(running_mean, mean.reshape(flat).mean(0), momentum, "InstanceNorm", guard)
             unbiased = var.reshape(flat) * (n / max(n - 1, 1))
-            _update_running(running_var, unbiased.mean(0), momentum, "InstanceNorm")
+            _update_running(running_var, unbiased.mean(0), momentum, "InstanceNorm", guard)
     else:
         mean, var = running_mean.reshape(shape), running_var.reshape(shape)
     out = (input - mean) * torch.rsqrt(var + eps)
@@ -194,17 +207,87 @@ class exact_norms(TorchFunctionMode):
         }
         if hasattr(F, "rms_norm"):
             self._impls[F.rms_norm] = rms_norm
+        self._task: Optional[int] = None
+        self._depth = 0  # nesting of ``with self`` (re-entered by :meth:`around`)
+        # data_ptr -> (tensor, value before its first update, task that updated it)
+        self._journal: Dict[int, Tuple[Tensor, Tensor, int]] = {}
+
+    def begin_task(self, index: int) -> None:
+        """Mark the start of task ``index`` of a loop over tasks (``map_tasks``' loop).
+
+        From then on, a running statistic updated by two different tasks is
+        shared across tasks: every statistic updated in the loop gets its
+        value back, and the shared-statistics error is raised, as vmap raises
+        it. With one task nothing is shared, and the layer updates its
+        statistics as a plain PyTorch call does.
+        """
+        self._task = index
+
+    def _guard(self, running: Tensor, layer: str) -> None:
+        # Before a running statistic (or BatchNorm's batch count) changes.
+        if unbatched_under_vmap(running):
+            raise _shared_stats_error(layer, "a tensor without a task dimension, updated under vmap")
+        if self._task is None or grad_route() != "autograd":
+            return  # under a transform, torch itself rejects updates of captured tensors
+        key = running.data_ptr()
+        seen = self._journal.get(key)
+        if seen is None:  # the journal holds the tensor, so its memory is not reused
+            self._journal[key] = (running, running.detach().clone(), self._task)
+        elif seen[2] != self._task:
+            self._roll_back()
+            raise _shared_stats_error(layer, f"one tensor updated by task {seen[2]} and task {self._task}")
+
+    def _roll_back(self) -> None:
+        with torch.no_grad():
+            for tensor, before, _ in self._journal.values():
+                tensor.copy_(before)
+        self._journal.clear()
+
+    def __enter__(self) -> exact_norms:
+        self._depth += 1
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        self._depth -= 1
+        if self._depth == 0:  # the outermost ``with``: the loop over tasks is over
+            self._journal.clear()
+            self._task = None
+        return super().__exit__(*exc)
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Leave this mode (the innermost one) for a block of ops that call no normalization.
+
+        While a mode is active every torch call, down to ``Tensor.dim()``,
+        passes through Python; ``fparams.adapt`` steps outside it for its own
+        bookkeeping and re-enters it in every ``loss_fn`` call (:meth:`around`).
+        """
+        with torch.overrides._pop_mode_temporarily() as popped:
+            if popped is not self:  # pragma: no cover - a caller's bug
+                raise RuntimeError("fparams.exact_norms.suspended: this mode is not the innermost one")
+            yield
+
+    def around(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` with this mode active during each call."""
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return call
 
     def _batch_norm(self, *args: Any, **kwargs: Any) -> Tensor:
-        return batch_norm(*args, batch_stats=self.batch_stats, **kwargs)
+        return batch_norm(*args, batch_stats=self.batch_stats, guard=self._guard, **kwargs)
 
     def _instance_norm(self, *args: Any, **kwargs: Any) -> Tensor:
-        return instance_norm(*args, batch_stats=self.batch_stats, **kwargs)
+        return instance_norm(*args, batch_stats=self.batch_stats, guard=self._guard, **kwargs)
 
     def _count_batches(self, counter: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         # BatchNorm's forward runs ``num_batches_tracked.add_(1)`` itself.
         if self.batch_stats:
             return counter
+        self._guard(counter, "BatchNorm")
         try:
             return counter.add_(*args, **kwargs)
         except RuntimeError as err:
@@ -234,6 +317,14 @@ class exact_norms(TorchFunctionMode):
                 if caller is not None:
                     return _cumulative_factor_count(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
+
+
+def innermost_exact_norms() -> Optional[exact_norms]:
+    """The active :class:`exact_norms`, when it is the innermost torch function mode (eager only)."""
+    if torch.compiler.is_compiling():
+        return None
+    mode = torch.overrides._get_current_function_mode()
+    return mode if isinstance(mode, exact_norms) else None
 
 
 def _cumulative_factor_count(func: Callable[..., Any], args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:

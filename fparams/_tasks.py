@@ -171,9 +171,9 @@ def map_tasks(
                 # Random draws differ between vmap and the loop: keep vmap's there.
                 numel = _task_numel(task_batches) if randomness == "error" else 0
                 chosen = choose_strategy(n, numel)
-        with exact_norms(batch_stats):
+        with exact_norms(batch_stats) as mode:
             if chosen == "loop":
-                return _loop(fn, params, task_batches, n)
+                return _loop(fn, params, task_batches, n, mode)
             mapped = torch.func.vmap(
                 fn,
                 in_dims=(None,) + (0,) * len(task_batches),
@@ -186,11 +186,13 @@ def map_tasks(
     return run
 
 
-def _loop(fn: Callable[..., Any], params: Any, batches: Sequence[Any], n: int) -> Any:
-    def task(i: int) -> List[Any]:
-        return [pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, b) for b in batches]
+def _loop(fn: Callable[..., Any], params: Any, batches: Sequence[Any], n: int, mode: exact_norms) -> Any:
+    def task(i: int) -> Any:
+        mode.begin_task(i)  # running statistics updated by two tasks are shared: an error
+        args = [pytree.tree_map(lambda t: t[i] if isinstance(t, Tensor) else t, b) for b in batches]
+        return fn(params, *args)
 
-    return _stack([fn(params, *task(i)) for i in range(n)])
+    return _stack([task(i) for i in range(n)])
 
 
 def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:

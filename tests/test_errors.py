@@ -109,16 +109,32 @@ def test_batchnorm_sharing_running_stats_over_tasks_is_explained(strategy: str) 
         torch.testing.assert_close(buffers[k], before[k])
 
 
-def test_adapt_on_batchnorm_without_buffers_points_to_buffers() -> None:
+def _bn_mse(arch: fparams.Architecture) -> Callable[..., Tensor]:
+    return lambda p, x, y: (arch(p, x) - y).pow(2).mean()
+
+
+def test_adapt_on_batchnorm_without_buffers_points_to_buffers_under_a_transform() -> None:
+    # Under torch.func.grad the running statistics are captured from outside: adapt explains.
     arch, params, _ = fparams.split(_bn())
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
     with pytest.raises(ValueError, match=r"fparams\.adapt: a layer updated a tensor in place.*buffers=b"):
-        fparams.adapt(
-            lambda p, x, y: (arch(p, x) - y).pow(2).mean(),
-            params,
-            torch.randn(5, 3),
-            torch.randn(5, 1),
-            lr=0.1,
-        )
+        torch.func.grad(lambda p: _bn_mse(arch)(fparams.adapt(_bn_mse(arch), p, x, y, lr=0.1), x, y))(params)
+
+
+def test_eager_adapt_on_batchnorm_updates_running_statistics_like_a_plain_step() -> None:
+    # With no transform active adapt runs autograd, as a hand-written inner loop
+    # does: the layer updates its own running statistics at every step.
+    net, ref = _bn(), _bn()
+    arch, params, buffers = fparams.split(net)
+    x, y = torch.randn(5, 3), torch.randn(5, 1)
+    fparams.adapt(_bn_mse(arch), params, x, y, lr=0.1, steps=2)
+    p = list(ref.parameters())
+    for _ in range(2):
+        g = torch.autograd.grad((ref(x) - y).pow(2).mean(), p, create_graph=True)
+        fparams.update_module(ref, [-0.1 * gi for gi in g])
+    for k, b in ref.named_buffers():
+        torch.testing.assert_close(buffers[k], b)
+    assert int(buffers["1.num_batches_tracked"]) == 2
 
 
 class _Named(nn.Module):

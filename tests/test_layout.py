@@ -26,6 +26,7 @@ LAYERS = {
     "_dice": 4,
     "optim": 5,
     "_norms": 5,
+    "_grads": 5,
     "_inner": 6,
     "_tasks": 7,
     "_maml": 7,

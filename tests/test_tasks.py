@@ -255,7 +255,32 @@ def test_shared_running_statistics_raise_a_clear_error(strategy: str, chunk_size
         mapped(params, *task_data(T, shots=6))
     assert "fparams.stack_tasks(buffers, num_tasks)" in str(err.value)
     assert "batch_stats=True" in str(err.value)
-    assert_module_untouched(net, snap)
+    if strategy == "loop":
+        # The loop sees the sharing when a second task updates the statistics;
+        # it restores what the first task changed (so only _version differs).
+        state = net.state_dict(keep_vars=True)
+        for k, s in snap.items():
+            torch.testing.assert_close(state[k].detach(), s.value, rtol=0, atol=0)
+    else:  # vmap rejects the update before anything changes
+        assert_module_untouched(net, snap)
+
+
+def test_one_task_in_a_loop_updates_shared_statistics_as_plain_pytorch_does() -> None:
+    # With one task nothing is shared: the loop behaves like the hand-written loop.
+    net, ref = _net("batchnorm"), _net("batchnorm")
+    ref.load_state_dict(net.state_dict())
+    arch, params, buffers = fparams.split(net)
+    data = task_data(1, shots=6)
+    fparams.map_tasks(_maml_task(arch), strategy="loop")(params, *data)
+    xs, ys, xq, yq = (d[0] for d in data)
+    learner = fparams.clone_module(ref)  # shares ref's buffers, as learn2learn's clone does
+    for _ in range(2):
+        g = torch.autograd.grad(loss_fn(learner(xs), ys), list(learner.parameters()), create_graph=True)
+        fparams.update_module(learner, [-0.1 * gi for gi in g])
+    loss_fn(learner(xq), yq)
+    for k, b in ref.named_buffers():
+        torch.testing.assert_close(buffers[k], b)
+    assert int(buffers["1.num_batches_tracked"]) == 3  # two inner steps and the query
 
 
 def test_stack_tasks() -> None:

@@ -1,0 +1,173 @@
+"""The inner gradient of :func:`fparams.adapt`, by the cheapest exact route.
+
+``torch.func.grad`` works everywhere: under ``vmap``, under an outer
+``torch.func.grad`` and under ``torch.compile``. It pays for that with a
+wrapper level around every tensor, which costs time on every op, forward and
+backward. Two common cases need no such level:
+
+* no functorch transform is active (a plain loop over tasks, or one task):
+  ``torch.autograd.grad(create_graph=True)`` computes the same gradient;
+* the only active transform is one ``vmap`` (``map_tasks`` over tasks, eager):
+  the per-task losses are independent, so the gradient of their *sum* with
+  respect to per-task copies of the parameters is every task's own gradient.
+  The loss runs at the vmap level on those copies, which autograd sees as the
+  physical batched tensors beneath, and one ``torch.autograd.grad``, taken
+  with the vmap level set aside, gives all tasks' gradients at once: the
+  hand-batched computation, done for any network.
+
+:func:`grad_route` picks the route once per ``adapt`` call. The second route
+uses functorch internals; where they are missing (another torch version) or
+anything else is active (an outer ``torch.func.grad``, ``jvp``,
+``functionalize``, nested ``vmap``, ``torch.compile`` tracing) it answers
+``"func"`` and ``torch.func.grad`` runs as before. All routes give the same
+numbers up to float rounding; ``tests/test_grads.py`` checks them against
+each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch import Tensor
+
+from ._types import Params
+
+_ft: Any
+_pyft: Any
+try:  # functorch internals: the fast routes are off where they are missing
+    from torch._C import _functorch as _ft
+    from torch._functorch import pyfunctorch as _pyft
+
+    _NEEDED = (  # looked up now, so that a torch without one of them turns the routes off
+        _ft._unwrap_batched,
+        _ft._add_batch_dim,
+        _ft.maybe_get_level,
+        _ft.get_interpreter_stack,
+        _pyft.retrieve_current_functorch_interpreter,
+        _pyft.temporarily_pop_interpreter_stack,
+        _pyft.VmapInterpreter.batch_size,
+        _pyft.VmapInterpreter.randomness,
+    )
+    _VMAP: Any = _pyft.TransformType.Vmap
+except (ImportError, AttributeError):  # pragma: no cover - depends on the torch build
+    _ft = _pyft = _VMAP = None
+
+#: ``fn(fast, *args) -> grads of fn's scalar output with respect to fast``.
+GradFn = Callable[..., Params]
+
+
+def grad_route() -> str:
+    """``"autograd"``, ``"vmap"`` or ``"func"``: how ``adapt`` takes its inner gradients now."""
+    if torch.compiler.is_compiling():
+        return "func"
+    if _ft is None:  # pragma: no cover - depends on the torch build
+        return "func"
+    stack = _ft.get_interpreter_stack()
+    if not stack:
+        return "autograd"
+    if len(stack) == 1 and stack[0].key() == _VMAP:
+        return "vmap"
+    return "func"
+
+
+def unbatched_under_vmap(t: Tensor) -> bool:
+    """Is ``t`` shared by all tasks of the one active ``vmap`` (the ``"vmap"`` route)?"""
+    if _ft is None or torch.compiler.is_compiling():  # pragma: no cover - depends on the torch build
+        return False
+    stack = _ft.get_interpreter_stack()
+    if not stack or len(stack) != 1 or stack[0].key() != _VMAP:
+        return False
+    return bool(_ft.maybe_get_level(t) != stack[0].level())
+
+
+def _input(t: Tensor) -> Tensor:
+    # A graph node of its own per key (two keys holding one tensor get a
+    # gradient each, as torch.func.grad gives them) that stays connected to
+    # the outer graph when ``t`` is part of it.
+    return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+
+
+def _check_scalar(loss: Any, per_task: bool) -> None:
+    want = 1 if per_task else 0  # on the vmap route, dim 0 holds the tasks
+    if not isinstance(loss, Tensor) or loss.dim() != want:
+        got = f"shape {tuple(loss.shape[want:])}" if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); got {got}."
+        )
+
+
+def _gradients(loss: Tensor, inputs: Dict[str, Tensor], create_graph: bool) -> List[Tensor]:
+    grads = torch.autograd.grad(loss, list(inputs.values()), create_graph=create_graph, allow_unused=True)
+    # torch.func.grad's convention: an input the loss does not use gets zeros.
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs.values(), grads)]
+
+
+def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
+    """The ``"autograd"`` route: ``torch.autograd.grad`` with no transform active."""
+
+    def grad_fn(fast: Params, *args: Any) -> Params:
+        with torch.enable_grad():
+            inputs = {k: _input(t) for k, t in fast.items()}
+            loss = fn(inputs, *args)
+            _check_scalar(loss, per_task=False)
+            return dict(zip(inputs, _gradients(loss, inputs, create_graph)))
+
+    return grad_fn
+
+
+def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
+    """The ``"vmap"`` route: every task's gradient from one ``torch.autograd.grad``.
+
+    ``fn`` runs at the active vmap level itself, on the per-task parameters
+    wrapped as batched tensors, so autograd records the physical batched ops;
+    the gradient of the physical per-task losses' sum is then taken with the
+    vmap level set aside. Call it only where :func:`grad_route` says ``"vmap"``.
+    """
+
+    def grad_fn(fast: Params, *args: Any) -> Params:
+        interp: Any = _pyft.retrieve_current_functorch_interpreter()
+        level, n = interp.level(), interp.batch_size()
+        with torch.enable_grad():
+            with _pyft.temporarily_pop_interpreter_stack():  # requires_grad_ is refused under vmap
+                inputs = {k: _input(_per_task(t, level, n)) for k, t in fast.items()}
+            loss = fn({k: _ft._add_batch_dim(t, 0, level) for k, t in inputs.items()}, *args)
+            if not isinstance(loss, Tensor):
+                _check_scalar(loss, per_task=False)
+            if _ft.maybe_get_level(loss) == level:
+                losses, dim = _ft._unwrap_batched(loss, level)
+                _check_scalar(losses.movedim(int(dim), 0), per_task=True)
+            else:  # the same for every task: it cannot depend on the per-task inputs
+                _check_scalar(loss, per_task=False)
+                losses = loss
+            with _pyft.temporarily_pop_interpreter_stack():
+                if losses.requires_grad:
+                    grads = _gradients(losses.sum(), inputs, create_graph)
+                else:
+                    grads = [torch.zeros_like(t) for t in inputs.values()]
+        return {k: _ft._add_batch_dim(g, 0, level) for k, g in zip(inputs, grads)}
+
+    return grad_fn
+
+
+def _per_task(t: Tensor, level: int, n: int) -> Tensor:
+    # The physical tensor under the vmap level with the tasks on dim 0; an
+    # unbatched (shared) tensor gets a per-task view, so each task has its own gradient.
+    if _ft.maybe_get_level(t) != level:
+        return t.expand(n, *t.shape)
+    value, dim = _ft._unwrap_batched(t, level)
+    return value if dim == 0 else value.movedim(int(dim), 0)
+
+
+def func_grad(fn: Callable[..., Tensor]) -> GradFn:
+    """The ``"func"`` route: ``torch.func.grad``, which composes with every transform."""
+    return torch.func.grad(fn)
+
+
+def inner_grad(fn: Callable[..., Tensor], route: str, create_graph: bool) -> GradFn:
+    """The gradient function of ``fn(fast, *args)`` with respect to ``fast``, by ``route``."""
+    if route == "autograd":
+        return autograd_grad(fn, create_graph)
+    if route == "vmap":
+        return vmapped_grad(fn, create_graph)
+    return func_grad(fn)

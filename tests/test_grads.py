@@ -1,0 +1,227 @@
+"""adapt's three gradient routes give the same numbers.
+
+``fparams.adapt`` takes its inner gradients with ``torch.autograd.grad`` when
+no transform is active, with one ``torch.autograd.grad`` over the physical
+batch when the only transform is one vmap, and with ``torch.func.grad``
+otherwise (see ``fparams/_grads.py``). ``torch.func.grad`` is the reference:
+each case runs once on the route adapt picks and once forced onto it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Tuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import fparams
+import fparams._inner as inner_mod
+from fparams._grads import grad_route
+from tests.helpers import assert_dicts_close
+
+TOL = dict(rtol=1e-9, atol=1e-11)
+T = 4
+
+
+def _net(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    mid: List[nn.Module] = {
+        "mlp": [nn.Tanh()],
+        "layernorm": [nn.LayerNorm(6), nn.ReLU()],
+        "batchnorm": [nn.BatchNorm1d(6), nn.ReLU()],
+        "dropout": [nn.Tanh(), nn.Dropout(0.3)],
+        "unused": [nn.Tanh()],
+    }[kind]
+    net = nn.Sequential(nn.Linear(3, 6), *mid, nn.Linear(6, 1)).double()
+    return _WithSpare(net) if kind == "unused" else net
+
+
+class _WithSpare(nn.Module):
+    """A layer in the params that the forward never calls."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.spare = nn.Linear(2, 2).double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _data(seed: int = 1) -> List[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(T, 5, d, generator=g, dtype=torch.float64) for d in (3, 1, 3, 1)]
+
+
+def _run(route_forced: bool, fn: Callable[[], Any]) -> Any:
+    if not route_forced:
+        return fn()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inner_mod, "grad_route", lambda: "func")
+        return fn()
+
+
+def _meta(net: nn.Module, strategy: str, forced: bool, **adapt_kw: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Per-task query losses and the meta-gradient (through .backward())."""
+    arch, params, _ = fparams.split(net)
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return (arch(p, x) - y).pow(2).mean()
+
+    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        return mse(fparams.adapt(mse, p, xs, ys, steps=2, **adapt_kw), xq, yq)
+
+    def go() -> Tuple[Tensor, Dict[str, Tensor]]:
+        net.zero_grad(set_to_none=True)
+        chunk = 3 if strategy == "chunked" else None
+        mapped = fparams.map_tasks(task, strategy=strategy, batch_stats=True, chunk_size=chunk)
+        out = mapped(params, *_data())
+        out.sum().backward()
+        grads = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+        return out.detach(), grads
+
+    return _run(forced, go)
+
+
+ADAPT_OPTIONS: Dict[str, Callable[[Dict[str, Tensor]], Dict[str, Any]]] = {
+    "number lr": lambda p: dict(lr=0.1),
+    "learned lr": lambda p: dict(lr=torch.tensor(0.1, dtype=torch.float64, requires_grad=True)),
+    "meta-sgd rates": lambda p: dict(lr={k: torch.full_like(v, 0.1).requires_grad_() for k, v in p.items()}),
+    "first order": lambda p: dict(lr=0.1, first_order=True),
+    "anil filter": lambda p: dict(lr=0.1, filter="2.*"),
+    "adam": lambda p: dict(lr=fparams.optim.adam(0.05)),
+}
+
+
+# Every option on the MLP; the other networks with a plain and a per-parameter rate.
+CASES = [("mlp", o) for o in sorted(ADAPT_OPTIONS)] + [
+    (k, o) for k in ("layernorm", "batchnorm", "unused") for o in ("number lr", "meta-sgd rates")
+]
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "chunked"])
+@pytest.mark.parametrize(("kind", "option"), CASES)
+def test_routes_agree(kind: str, option: str, strategy: str) -> None:
+    net = _net(kind)
+    params = dict(net.named_parameters())
+    kw = ADAPT_OPTIONS[option](params)
+    losses, grads = _meta(net, strategy, forced=False, **kw)
+    ref_losses, ref_grads = _meta(net, strategy, forced=True, **kw)
+    torch.testing.assert_close(losses, ref_losses, **TOL)
+    assert_dicts_close(grads, ref_grads, **TOL)
+    if kind == "unused":  # torch.func.grad's convention: zeros for an unused input
+        assert float(grads["spare.weight"].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_dropout_draws_are_the_same_on_every_route(randomness: str) -> None:
+    net = _net("dropout")
+    arch, params, _ = fparams.split(net)
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return (arch(p, x) - y).pow(2).mean()
+
+    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        return mse(fparams.adapt(mse, p, xs, ys, lr=0.1, steps=2), xq, yq)
+
+    def go() -> Tensor:
+        torch.manual_seed(7)
+        return fparams.map_tasks(task, strategy="vmap", randomness=randomness)(params, *_data()).detach()
+
+    torch.testing.assert_close(_run(False, go), _run(True, go), **TOL)
+
+
+def test_per_task_running_statistics_agree() -> None:
+    net = _net("batchnorm")
+    arch, params, buffers = fparams.split(net)
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
+        return (arch(p, x, buffers=buffers) - y).pow(2).mean()
+
+    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, b: Any) -> Any:
+        fast = fparams.adapt(mse, p, xs, ys, lr=0.1, steps=2, buffers=b)
+        return mse(fast, xq, yq, buffers=b), b
+
+    def go(strategy: str) -> Tuple[Tensor, Dict[str, Tensor]]:
+        stats = fparams.stack_tasks(buffers, T)
+        losses, new = fparams.map_tasks(task, strategy=strategy)(params, *_data(), stats)
+        return losses.detach(), new
+
+    for strategy in ("vmap", "loop"):
+        got, ref = (_run(forced, lambda s=strategy: go(s)) for forced in (False, True))
+        torch.testing.assert_close(got[0], ref[0], **TOL)
+        assert_dicts_close(got[1], ref[1], **TOL)
+
+
+def test_second_order_meta_gradient_of_the_vmap_route_matches_finite_differences() -> None:
+    net = _net("layernorm")
+    arch, params, _ = fparams.split(net)
+    names = list(params)
+    data = _data()
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return (arch(p, x) - y).pow(2).mean()
+
+    def objective(*values: Tensor) -> Tensor:
+        p = dict(zip(names, values))
+        mapped = fparams.map_tasks(
+            lambda q, xs, ys, xq, yq: mse(fparams.adapt(mse, q, xs, ys, lr=0.1), xq, yq), strategy="vmap"
+        )
+        return mapped(p, *data).mean()
+
+    values = tuple(v.detach().clone().requires_grad_() for v in params.values())
+    assert torch.autograd.gradcheck(objective, values)
+    assert torch.autograd.gradgradcheck(objective, values)
+
+
+def test_adapt_outside_grad_mode_returns_plain_tensors() -> None:
+    net = _net("mlp")
+    arch, params, _ = fparams.split(net)
+    xs, ys = _data()[0][0], _data()[1][0]
+    mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()  # noqa: E731
+    with torch.no_grad():
+        fast = fparams.adapt(mse, params, xs, ys, lr=0.1, steps=2)
+    ref = _run(True, lambda: fparams.adapt(mse, params, xs, ys, lr=0.1, steps=2))
+    assert not any(t.requires_grad for t in fast.values())
+    assert_dicts_close(fast, {k: v.detach() for k, v in ref.items()}, **TOL)
+
+
+def test_one_tensor_under_two_keys_gets_a_gradient_per_key() -> None:
+    w = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    loss = lambda p: (p["a"] * p["b"]).sum()  # noqa: E731
+    got = fparams.adapt(loss, {"a": w, "b": w}, lr=1.0)
+    ref = _run(True, lambda: fparams.adapt(loss, {"a": w, "b": w}, lr=1.0))
+    assert_dicts_close(got, ref, **TOL)
+    assert float(got["a"].detach()) == 0.0  # 2 - 1 * d(ab)/da = 2 - b
+
+
+@pytest.mark.parametrize("where", ["eager", "vmap"])
+def test_a_non_scalar_loss_is_explained_on_every_route(where: str) -> None:
+    w = {"w": torch.ones(3, dtype=torch.float64)}
+
+    def run() -> Any:
+        if where == "eager":
+            return fparams.adapt(lambda p: p["w"] * 2, w, lr=0.1)
+        per_task = lambda x: fparams.adapt(lambda p: p["w"] * x, w, lr=0.1)["w"]  # noqa: E731
+        return torch.func.vmap(per_task)(torch.ones(2, 3))
+
+    for forced in (False, True):
+        with pytest.raises(ValueError, match=r"fparams\.adapt: `loss_fn` must return a scalar tensor"):
+            _run(forced, run)
+
+
+def test_the_route_follows_the_active_transforms() -> None:
+    seen: List[str] = []
+
+    def probe(x: Tensor) -> Tensor:
+        seen.append(grad_route())
+        return x.sum()
+
+    x = torch.ones(2, 3)
+    probe(x)
+    torch.func.vmap(probe)(x)
+    torch.func.grad(probe)(x)
+    torch.func.vmap(torch.func.vmap(probe))(x.unsqueeze(0))
+    torch.func.grad(lambda y: torch.func.vmap(probe)(y).sum())(x)
+    assert seen == ["autograd", "vmap", "func", "func", "func"]
