@@ -81,11 +81,18 @@ def unbatched_under_vmap(t: Tensor) -> bool:
     return bool(_ft.maybe_get_level(t) != stack[0].level())
 
 
-def _input(t: Tensor) -> Tensor:
-    # A graph node of its own per key (two keys holding one tensor get a
-    # gradient each, as torch.func.grad gives them) that stays connected to
-    # the outer graph when ``t`` is part of it.
-    return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+def _inputs(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """The tensors to differentiate by: one graph node per key, connected to the outer graph.
+
+    A tensor that does not require grad becomes a new leaf that does. A tensor
+    held under two keys gets a view per key, so that each key gets its own
+    gradient, as ``torch.func.grad`` gives them.
+    """
+    aliased = len({id(t) for t in tensors.values()}) < len(tensors)
+    return {
+        k: (t.view_as(t) if aliased else t) if t.requires_grad else t.detach().requires_grad_()
+        for k, t in tensors.items()
+    }
 
 
 def _check_scalar(loss: Any, per_task: bool) -> None:
@@ -98,7 +105,11 @@ def _check_scalar(loss: Any, per_task: bool) -> None:
 
 
 def _gradients(loss: Tensor, inputs: Dict[str, Tensor], create_graph: bool) -> List[Tensor]:
-    grads = torch.autograd.grad(loss, list(inputs.values()), create_graph=create_graph, allow_unused=True)
+    # For per-task losses, ones as grad_outputs: the gradient of their sum, without a sum node.
+    ones = torch.ones_like(loss)
+    grads = torch.autograd.grad(
+        loss, list(inputs.values()), ones, create_graph=create_graph, allow_unused=True
+    )
     # torch.func.grad's convention: an input the loss does not use gets zeros.
     return [torch.zeros_like(t) if g is None else g for t, g in zip(inputs.values(), grads)]
 
@@ -108,7 +119,7 @@ def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
 
     def grad_fn(fast: Params, *args: Any) -> Params:
         with torch.enable_grad():
-            inputs = {k: _input(t) for k, t in fast.items()}
+            inputs = _inputs(fast)
             loss = fn(inputs, *args)
             _check_scalar(loss, per_task=False)
             return dict(zip(inputs, _gradients(loss, inputs, create_graph)))
@@ -130,7 +141,7 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
         level, n = interp.level(), interp.batch_size()
         with torch.enable_grad():
             with _pyft.temporarily_pop_interpreter_stack():  # requires_grad_ is refused under vmap
-                inputs = {k: _input(_per_task(t, level, n)) for k, t in fast.items()}
+                inputs = _inputs({k: _per_task(t, level, n) for k, t in fast.items()})
             loss = fn({k: _ft._add_batch_dim(t, 0, level) for k, t in inputs.items()}, *args)
             if not isinstance(loss, Tensor):
                 _check_scalar(loss, per_task=False)
@@ -142,7 +153,7 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
                 losses = loss
             with _pyft.temporarily_pop_interpreter_stack():
                 if losses.requires_grad:
-                    grads = _gradients(losses.sum(), inputs, create_graph)
+                    grads = _gradients(losses, inputs, create_graph)
                 else:
                     grads = [torch.zeros_like(t) for t in inputs.values()]
         return {k: _ft._add_batch_dim(g, 0, level) for k, g in zip(inputs, grads)}

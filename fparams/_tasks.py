@@ -19,6 +19,10 @@ RANDOMNESS = ("error", "different", "same")
 
 
 def _num_tasks(where: str, batches: Sequence[Any]) -> int:
+    leaves = [t for t in pytree.tree_leaves(list(batches)) if isinstance(t, Tensor)]
+    counts = {t.size(0) if t.dim() else -1 for t in leaves}
+    if len(counts) == 1 and min(counts) > 0:
+        return counts.pop()  # the common case, checked without building any message
     sizes: List[Tuple[str, int]] = []
     for i, batch in enumerate(batches):
         for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
@@ -34,13 +38,10 @@ def _num_tasks(where: str, batches: Sequence[Any]) -> int:
             sizes.append((label, leaf.size(0)))
     if not sizes:
         raise ValueError(f"{where}: no task argument holds a tensor, so there are no tasks to map over.")
-    counts = {n for _, n in sizes}
-    if len(counts) > 1:
+    if len({n for _, n in sizes}) > 1:
         shown = ", ".join(f"{label}: {n}" for label, n in sizes)
         raise ValueError(f"{where}: the task arguments disagree on the number of tasks (dim 0): {shown}.")
-    if sizes[0][1] == 0:
-        raise ValueError(f"{where}: the task arguments hold 0 tasks (dim 0 has size 0).")
-    return sizes[0][1]
+    raise ValueError(f"{where}: the task arguments hold 0 tasks (dim 0 has size 0).")
 
 
 def _stack(outputs: List[Any]) -> Any:
@@ -171,16 +172,19 @@ def map_tasks(
                 # Random draws differ between vmap and the loop: keep vmap's there.
                 numel = _task_numel(task_batches) if randomness == "error" else 0
                 chosen = choose_strategy(n, numel)
-        with exact_norms(batch_stats) as mode:
-            if chosen == "loop":
-                return _loop(fn, params, task_batches, n, mode)
-            mapped = torch.func.vmap(
-                fn,
-                in_dims=(None,) + (0,) * len(task_batches),
-                randomness=randomness,
-                chunk_size=chunk_size if chosen == "chunked" else None,
-            )
-            return mapped(params, *task_batches)
+        norms = exact_norms(batch_stats)
+        if chosen == "loop":
+            with norms:
+                return _loop(fn, params, task_batches, n, norms)
+        # The mode is entered inside the mapped function: vmap's own handling
+        # of the inputs and outputs then does not pass through it.
+        mapped = torch.func.vmap(
+            norms.around(fn),
+            in_dims=(None,) + (0,) * len(task_batches),
+            randomness=randomness,
+            chunk_size=chunk_size if chosen == "chunked" else None,
+        )
+        return mapped(params, *task_batches)
 
     run.__doc__ = f"map_tasks({getattr(fn, '__name__', 'fn')}): call as f(params, *task_batches)."
     return run
