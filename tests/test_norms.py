@@ -83,7 +83,7 @@ def test_decomposition_equals_native(name: str) -> None:
         mine.train(mode == "train")
         x = (2 + 3 * torch.randn(shape, generator=g, dtype=torch.float64)).requires_grad_()
         want = native(x)
-        with fparams.exact_norms():
+        with fparams.exact_norms(always=True):  # decompose although no vmap runs
             got = mine(x)
         assert not any("Norm" in op for op in autograd_ops(got)), f"native kernel ran: {autograd_ops(got)}"
         torch.testing.assert_close(got, want, **TOL)
@@ -102,8 +102,25 @@ def test_decomposition_equals_native(name: str) -> None:
         assert int(mine.num_batches_tracked) == 3
 
 
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_without_vmap_torch_kernels_run_with_the_same_results(name: str) -> None:
+    make, shape = NORMS[name]
+    torch.manual_seed(0)
+    native = make().double()
+    _randomise(native)
+    mine = copy.deepcopy(native)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    want = native(x)
+    with fparams.exact_norms():
+        got = mine(x)
+    assert autograd_ops(got) == autograd_ops(want)  # torch's own graph, not the decomposition
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_dicts_close(_state(mine), _state(native), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("always", [False, True], ids=["kernel", "decomposed"])
 @pytest.mark.parametrize("name", ["bn1d", "bn2d", "in1d-tracked"])
-def test_batch_stats_normalize_with_the_batch_and_leave_buffers_alone(name: str) -> None:
+def test_batch_stats_normalize_with_the_batch_and_leave_buffers_alone(name: str, always: bool) -> None:
     make, shape = NORMS[name]
     torch.manual_seed(0)
     module = make().double()
@@ -113,7 +130,7 @@ def test_batch_stats_normalize_with_the_batch_and_leave_buffers_alone(name: str)
     want = copy.deepcopy(module).train()(x)  # train mode: batch statistics
     for training in (True, False):
         module.train(training)
-        with fparams.exact_norms(batch_stats=True):
+        with fparams.exact_norms(batch_stats=True, always=always):
             got = module(x)
         torch.testing.assert_close(got, want, **TOL)
         assert_dicts_close(_state(module), before, rtol=0, atol=0)
