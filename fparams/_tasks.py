@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from ._compile import compile_fallback
+from ._grads import grad_route
 from ._norms import exact_norms
 from ._types import Params, TensorDict
 
@@ -276,7 +277,30 @@ def meta_value_and_grad(
         return _per_task_losses(out).mean()
 
     def step(params: Any, *task_batches: Any) -> Any:
+        if grad_route() == "autograd":  # eager, no transform (torch.compile traces the other branch)
+            flat, spec = pytree.tree_flatten(params)
+            if flat and all(isinstance(t, Tensor) for t in flat):
+                return _autograd_value_and_grad(objective, has_aux, flat, spec, task_batches)
         grads, value = torch.func.grad_and_value(objective, has_aux=has_aux)(params, *task_batches)
         return value, grads
 
     return compile_fallback(step) if compile else step
+
+
+def _autograd_value_and_grad(
+    objective: Callable[..., Any], has_aux: bool, flat: List[Tensor], spec: Any, task_batches: Sequence[Any]
+) -> Any:
+    # What torch.func.grad_and_value computes, by plain autograd (no transform
+    # is active): the inner loops inside then take their fast routes too. As
+    # with torch.func, the results stay differentiable with respect to params
+    # that require grad, and nothing is written to any .grad.
+    keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    with torch.enable_grad():
+        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in flat]
+        out = objective(pytree.tree_unflatten(inputs, spec), *task_batches)
+        value = out[0] if has_aux else out
+        found = torch.autograd.grad(value, inputs, create_graph=keep_graph, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, found)]
+    if not keep_graph:
+        out = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
+    return out, pytree.tree_unflatten(grads, spec)

@@ -28,7 +28,8 @@ def test_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     paths = (bench.LOOP, bench.VMAP, bench.MT_LOOP, bench.MVG, bench.FLOOR)
     rows = {(r.workload, r.path) for r in result["rows"]}
     assert rows == {(w, p) for w in ("W1", "W2") for p in paths}
-    assert all(r.ms is not None and r.ms > 0 and r.rel_err <= bench.TOLERANCE[r.workload] for r in result["rows"])
+    for r in result["rows"]:
+        assert r.ms is not None and r.ms > 0 and r.rel_err <= bench.TOLERANCE[r.workload], r
     per_task = {(r.tasks, r.path) for r in result["per_task"]}
     assert per_task == {(n, p) for n in bench.QUICK_W3 for p in (bench.LOOP, bench.VMAP, bench.MT_LOOP)}
     for path in paths:

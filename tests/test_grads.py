@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 import fparams
 import fparams._inner as inner_mod
+import fparams._tasks as tasks_mod
 from fparams._grads import grad_route
 from tests.helpers import assert_dicts_close
 
@@ -225,3 +226,45 @@ def test_the_route_follows_the_active_transforms() -> None:
     torch.func.vmap(torch.func.vmap(probe))(x.unsqueeze(0))
     torch.func.grad(lambda y: torch.func.vmap(probe)(y).sum())(x)
     assert seen == ["autograd", "vmap", "func", "func", "func"]
+
+
+def _value_and_grad_case(has_aux: bool) -> Tuple[Callable[..., Any], Dict[str, Tensor], List[Tensor]]:
+    net = _net("layernorm")
+    arch, params, _ = fparams.split(net)
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return (arch(p, x) - y).pow(2).mean()
+
+    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Any:
+        loss = mse(fparams.adapt(mse, p, xs, ys, lr=0.1, steps=2), xq, yq)
+        return (loss, loss.detach() * 2) if has_aux else loss
+
+    return fparams.meta_value_and_grad(task, has_aux=has_aux), params, _data()
+
+
+@pytest.mark.parametrize("has_aux", [False, True])
+def test_meta_value_and_grad_routes_agree(has_aux: bool) -> None:
+    step, params, data = _value_and_grad_case(has_aux)
+    with pytest.MonkeyPatch.context() as mp:  # torch.func.grad_and_value everywhere
+        mp.setattr(tasks_mod, "grad_route", lambda: "func")
+        want_value, want_grads = step(params, *data)
+    value, grads = step(params, *data)
+    torch.testing.assert_close(value, want_value, **TOL)
+    assert_dicts_close(grads, want_grads, **TOL)
+    assert all(p.grad is None for p in params.values()), "a pure step wrote to .grad"
+
+
+def test_meta_value_and_grad_stays_differentiable_like_torch_func() -> None:
+    # params that require grad: the meta-gradient is itself differentiable (a third order)
+    step, params, data = _value_and_grad_case(False)
+    _, grads = step(params, *data)
+    third = torch.autograd.grad(sum(g.pow(2).sum() for g in grads.values()), list(params.values()))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tasks_mod, "grad_route", lambda: "func")
+        _, ref = step(params, *data)
+    want = torch.autograd.grad(sum(g.pow(2).sum() for g in ref.values()), list(params.values()))
+    for a, b in zip(third, want):
+        torch.testing.assert_close(a, b, **TOL)
+    # params that do not: plain results, no graph kept
+    value, plain = step({k: v.detach() for k, v in params.items()}, *data)
+    assert not value.requires_grad and not any(g.requires_grad for g in plain.values())
