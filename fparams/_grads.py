@@ -58,9 +58,14 @@ GradFn = Callable[..., Params]
 
 
 def grad_route() -> str:
-    """``"autograd"``, ``"vmap"`` or ``"func"``: how ``adapt`` takes its inner gradients now."""
-    if torch.compiler.is_compiling():
-        return "func"
+    """``"autograd"``, ``"vmap"`` or ``"func"``: how ``adapt`` takes its inner gradients now.
+
+    The caller also takes ``"func"`` where grad mode is on and none of its
+    inputs requires grad: the fast routes differentiate by fresh leaves, whose
+    graph would otherwise stay attached to the results.
+    """
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return "func"  # inference tensors cannot be recorded by autograd
     if _ft is None:  # pragma: no cover - depends on the torch build
         return "func"
     stack = _ft.get_interpreter_stack()
@@ -90,17 +95,15 @@ def unbatched_under_vmap(t: Tensor) -> bool:
 
 
 def _inputs(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """The tensors to differentiate by: one graph node per key, connected to the outer graph.
+    """The tensors to differentiate by: a graph node of its own per key.
 
-    A tensor that does not require grad becomes a new leaf that does. A tensor
-    held under two keys gets a view per key, so that each key gets its own
-    gradient, as ``torch.func.grad`` gives them.
+    A tensor that requires grad gets a view: the gradient then counts only the
+    uses of this key, not other uses of the same tensor (a closure over the
+    outer params, a frozen key holding it, a second key), exactly as
+    ``torch.func.grad`` counts them, and the view stays connected to the outer
+    graph. A tensor that does not require grad becomes a new leaf that does.
     """
-    aliased = len({id(t) for t in tensors.values()}) < len(tensors)
-    return {
-        k: (t.view_as(t) if aliased else t) if t.requires_grad else t.detach().requires_grad_()
-        for k, t in tensors.items()
-    }
+    return {k: t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for k, t in tensors.items()}
 
 
 def _check_scalar(loss: Any, per_task: bool) -> None:
@@ -130,6 +133,8 @@ def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
             inputs = _inputs(fast)
             loss = fn(inputs, *args)
             _check_scalar(loss, per_task=False)
+            if not loss.requires_grad:  # it does not depend on the inputs
+                return {k: torch.zeros_like(t) for k, t in inputs.items()}
             return dict(zip(inputs, _gradients(loss, inputs, create_graph)))
 
     return grad_fn

@@ -54,10 +54,15 @@ def adapt(
 ) -> Params:
     """Take ``steps`` differentiable gradient steps on ``loss_fn(params, *args)``.
 
-    Built on ``torch.func.grad``, so it runs under ``torch.func.vmap`` (one
-    adaptation per task, see :func:`fparams.map_tasks`) and under an outer
-    ``torch.func.grad`` or ``.backward()`` (the meta-gradient flows through
-    every step).
+    It runs under ``torch.func.vmap`` (one adaptation per task, see
+    :func:`fparams.map_tasks`), under an outer ``torch.func.grad`` or
+    ``.backward()`` (the meta-gradient flows through every step) and under
+    ``torch.compile``. The inner gradients come from ``torch.autograd.grad``
+    where no transform is active, from one ``autograd.grad`` over all tasks
+    under a single ``vmap``, and from ``torch.func.grad`` otherwise (see
+    ``fparams/_grads.py``); all give the same numbers. In eager code with no
+    transform, a layer in train mode updates its running statistics at each
+    step, as a hand-written inner loop does.
 
     Args:
         loss_fn: ``loss_fn(params, *args) -> scalar tensor``.
@@ -72,9 +77,9 @@ def adapt(
             stay as they are and still receive outer gradients.
         buffers: state that layers update in place during the inner loop
             (BatchNorm running statistics). When given, it is passed to every
-            call as ``loss_fn(params, *args, buffers=buffers)`` and is an input
-            of each ``torch.func.grad`` call, which is what lets a layer update
-            it there (a tensor captured from outside cannot be).
+            call as ``loss_fn(params, *args, buffers=buffers)``; under
+            ``torch.func.grad`` it is an input of each gradient call, which is
+            what lets a layer update it there (a captured tensor cannot be).
 
     Returns:
         A new dict with every name of ``params``.
@@ -100,6 +105,8 @@ def adapt(
     # The route depends only on the transforms active now: chosen once, not per step.
     route = grad_route()
     create_graph = torch.is_grad_enabled() and not first_order
+    if create_graph and not any(t.requires_grad for t in params.values()):
+        route = "func"  # see grad_route: no graph from fresh leaves onto the results
     norms = innermost_exact_norms()
     if norms is not None:
         # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.

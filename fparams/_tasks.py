@@ -279,7 +279,7 @@ def meta_value_and_grad(
     def step(params: Any, *task_batches: Any) -> Any:
         if grad_route() == "autograd":  # eager, no transform (torch.compile traces the other branch)
             flat, spec = pytree.tree_flatten(params)
-            if flat and all(isinstance(t, Tensor) for t in flat):
+            if all(isinstance(t, Tensor) for t in flat) and any(t.requires_grad for t in flat):
                 return _autograd_value_and_grad(objective, has_aux, flat, spec, task_batches)
         grads, value = torch.func.grad_and_value(objective, has_aux=has_aux)(params, *task_batches)
         return value, grads
@@ -291,15 +291,18 @@ def _autograd_value_and_grad(
     objective: Callable[..., Any], has_aux: bool, flat: List[Tensor], spec: Any, task_batches: Sequence[Any]
 ) -> Any:
     # What torch.func.grad_and_value computes, by plain autograd (no transform
-    # is active): the inner loops inside then take their fast routes too. As
-    # with torch.func, the results stay differentiable with respect to params
-    # that require grad, and nothing is written to any .grad.
-    keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    # is active, some param requires grad): the inner loops inside then take
+    # their fast routes too. As with torch.func, the results stay
+    # differentiable (with respect to the params and to anything the task
+    # function captures), and nothing is written to any .grad.
+    keep_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in flat]
         out = objective(pytree.tree_unflatten(inputs, spec), *task_batches)
         value = out[0] if has_aux else out
-        found = torch.autograd.grad(value, inputs, create_graph=keep_graph, allow_unused=True)
+        found: Sequence[Optional[Tensor]] = (None,) * len(inputs)  # if it does not depend on them
+        if value.requires_grad:
+            found = torch.autograd.grad(value, inputs, create_graph=keep_graph, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, found)]
     if not keep_graph:
         out = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)

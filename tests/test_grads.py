@@ -268,3 +268,116 @@ def test_meta_value_and_grad_stays_differentiable_like_torch_func() -> None:
     # params that do not: plain results, no graph kept
     value, plain = step({k: v.detach() for k, v in params.items()}, *data)
     assert not value.requires_grad and not any(g.requires_grad for g in plain.values())
+
+
+# -- cases a review found, each against the torch.func reference ------------------------
+
+
+def _both(fn: Callable[[], Any]) -> Tuple[Any, Any]:
+    """(result on the route adapt picks, result with torch.func everywhere)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inner_mod, "grad_route", lambda: "func")
+        mp.setattr(tasks_mod, "grad_route", lambda: "func")
+        ref = fn()
+    return fn(), ref
+
+
+def _w() -> Tensor:
+    return torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+
+
+def test_other_uses_of_the_same_tensor_do_not_enter_the_inner_gradient() -> None:
+    w, x = _w(), torch.tensor([0.5, -1.0], dtype=torch.float64)
+    outer = {"w": w}
+    # a closure over the outer params (a proximal term), and a frozen key holding the tensor
+    closure = lambda: fparams.adapt(lambda p: (p["w"] * x).sum() + (p["w"] * outer["w"]).sum(), outer, lr=0.1)  # noqa: E731
+    tied = lambda: fparams.adapt(lambda p: (p["a"] * p["b"]).sum(), {"a": w, "b": w}, lr=0.1, filter="a")  # noqa: E731
+    for case in (closure, tied):
+        got, ref = _both(case)
+        assert_dicts_close(got, ref, **TOL)
+    # the user's own vmap over per-task params, used inside and outside the loss
+    batched = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64, requires_grad=True)
+    per = lambda p: fparams.adapt(lambda q: (q["w"] * p["w"]).sum(), p, lr=0.1)["w"]  # noqa: E731
+    got, ref = _both(lambda: torch.func.vmap(per)({"w": batched}))
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_first_order_with_a_tensor_used_inside_and_outside() -> None:
+    def run() -> Tensor:
+        w = _w()
+        anchor = w * 2.0
+        fast = fparams.adapt(lambda p, a: (p["w"] * a).sum(), {"w": w}, anchor, lr=0.1, first_order=True)
+        ((fast["w"] + anchor) ** 2).sum().backward()
+        return w.grad  # type: ignore[return-value]
+
+    got, ref = _both(run)
+    torch.testing.assert_close(got, ref, **TOL)
+
+
+def test_a_loss_that_does_not_depend_on_the_adapted_params_gives_zero_steps() -> None:
+    params = {"a": torch.ones(2, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
+    x = torch.ones(3, 2, dtype=torch.float64)
+    loss = lambda p, x: (p["b"] * x).sum()  # noqa: E731
+    plain = lambda: fparams.adapt(loss, params, x[0], lr=0.1, filter="a")  # noqa: E731
+    vmapped = lambda: fparams.map_tasks(  # noqa: E731
+        lambda p, x: fparams.adapt(loss, p, x, lr=0.1, filter="a")["a"], strategy="vmap"
+    )(params, x)
+    detached = lambda: fparams.adapt(lambda p: (p["a"] * 2).sum().detach(), params, lr=0.1)  # noqa: E731
+    const = lambda: fparams.meta_value_and_grad(lambda p, x: x.sum() + 0 * p["a"].sum().detach())(  # noqa: E731
+        {"a": _w()}, x
+    )
+    def as_dict(r: Any) -> Dict[str, Tensor]:  # adapt: a dict; map_tasks: a tensor; a step: (loss, grads)
+        return r[1] if isinstance(r, tuple) else r if isinstance(r, dict) else {"out": r}
+
+    for case in (plain, vmapped, detached, const):
+        got, ref = _both(case)
+        assert_dicts_close(as_dict(got), as_dict(ref), **TOL)
+
+
+def test_inference_mode_adapts_as_torch_func_does() -> None:
+    params = {"w": torch.tensor([1.0, 2.0])}
+    x = torch.tensor([[-2.5, -5.0], [4.0, -4.0]])
+    loss = lambda p, x: (p["w"] * x).sum()  # noqa: E731
+
+    def run() -> Any:
+        with torch.inference_mode():
+            plain = fparams.adapt(loss, params, x[0], lr=0.1)["w"]
+            per_task = lambda p, x: fparams.adapt(loss, p, x, lr=0.1)["w"]  # noqa: E731
+            over = fparams.map_tasks(per_task, strategy="vmap")(params, x)
+        return plain.clone(), over.clone()
+
+    (plain, over), (ref_plain, ref_over) = _both(run)
+    torch.testing.assert_close(plain, ref_plain)
+    torch.testing.assert_close(over, ref_over)
+    assert not torch.equal(over[0], params["w"]), "the vmap route did not adapt"
+
+
+def test_params_that_do_not_require_grad_come_back_plain() -> None:
+    # test-time adaptation of a frozen model: no graph may stay attached to the result
+    params = {"w": torch.tensor([1.0, 2.0])}
+    x = torch.tensor([[-1.5, -3.0], [0.5, 1.0]])
+    loss = lambda p, x: (p["w"] * x).pow(2).sum()  # noqa: E731  (its gradient depends on w)
+    plain = lambda: fparams.adapt(loss, params, x[0], lr=0.1, steps=2)["w"]  # noqa: E731
+    over = lambda: fparams.map_tasks(  # noqa: E731
+        lambda p, x: fparams.adapt(loss, p, x, lr=0.1, steps=2)["w"], strategy="vmap"
+    )(params, x)
+    for case in (plain, over):
+        got, ref = _both(case)
+        assert not got.requires_grad
+        torch.testing.assert_close(got, ref)
+
+
+def test_meta_value_and_grad_keeps_the_graph_to_captured_tensors() -> None:
+    log_lr = torch.tensor(-1.0, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor([[0.5, -1.0], [2.0, 1.0]], dtype=torch.float64)
+    inner = lambda p, x: (p["w"] * x).pow(2).sum()  # noqa: E731
+
+    def task(p: Dict[str, Tensor], x: Tensor) -> Tensor:
+        return inner(fparams.adapt(inner, p, x, lr=log_lr.exp()), x)
+
+    def run() -> Tensor:
+        loss, _ = fparams.meta_value_and_grad(task)({"w": _w().detach()}, x)
+        return torch.autograd.grad(loss, log_lr)[0]
+
+    got, ref = _both(run)
+    torch.testing.assert_close(got, ref, **TOL)
