@@ -26,7 +26,7 @@ each other.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Collection, Dict, List
 
 import torch
 from torch import Tensor
@@ -53,7 +53,9 @@ try:  # functorch internals: the fast routes are off where they are missing
 except (ImportError, AttributeError):  # pragma: no cover - depends on the torch build
     _ft = _pyft = _VMAP = None
 
-#: ``fn(fast, *args) -> grads of fn's scalar output with respect to fast``.
+#: ``fn(fast, *args, owned=False) -> grads of fn's scalar output with respect to
+#: fast``; ``owned=True`` says that ``fast`` holds tensors the inner loop made
+#: itself (every step after the first), used nowhere else.
 GradFn = Callable[..., Params]
 
 
@@ -94,16 +96,21 @@ def unbatched_under_vmap(t: Tensor) -> bool:
     return bool(_ft.maybe_get_level(t) != stack[0].level())
 
 
-def _inputs(tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def _inputs(tensors: Dict[str, Tensor], fresh: Collection[str] = ()) -> Dict[str, Tensor]:
     """The tensors to differentiate by: a graph node of its own per key.
 
     A tensor that requires grad gets a view: the gradient then counts only the
     uses of this key, not other uses of the same tensor (a closure over the
     outer params, a frozen key holding it, a second key), exactly as
     ``torch.func.grad`` counts them, and the view stays connected to the outer
-    graph. A tensor that does not require grad becomes a new leaf that does.
+    graph. Keys in ``fresh`` hold tensors that nothing else uses (made by the
+    inner loop's previous step, or a new per-task view) and need no view. A
+    tensor that does not require grad becomes a new leaf that does.
     """
-    return {k: t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for k, t in tensors.items()}
+    return {
+        k: (t if k in fresh else t.view_as(t)) if t.requires_grad else t.detach().requires_grad_()
+        for k, t in tensors.items()
+    }
 
 
 def _check_scalar(loss: Any, per_task: bool) -> None:
@@ -128,9 +135,9 @@ def _gradients(loss: Tensor, inputs: Dict[str, Tensor], create_graph: bool) -> L
 def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     """The ``"autograd"`` route: ``torch.autograd.grad`` with no transform active."""
 
-    def grad_fn(fast: Params, *args: Any) -> Params:
+    def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
         with torch.enable_grad():
-            inputs = _inputs(fast)
+            inputs = _inputs(fast, fast.keys() if owned else ())
             loss = fn(inputs, *args)
             _check_scalar(loss, per_task=False)
             if not loss.requires_grad:  # it does not depend on the inputs
@@ -149,12 +156,16 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     vmap level set aside. Call it only where :func:`grad_route` says ``"vmap"``.
     """
 
-    def grad_fn(fast: Params, *args: Any) -> Params:
+    def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
         interp: Any = _pyft.retrieve_current_functorch_interpreter()
         level, n = interp.level(), interp.batch_size()
         with torch.enable_grad():
             with _pyft.temporarily_pop_interpreter_stack():  # requires_grad_ is refused under vmap
-                inputs = _inputs({k: _per_task(t, level, n) for k, t in fast.items()})
+                per_task = {k: _per_task(t, level, n) for k, t in fast.items()}
+                # a shared (unbatched) param's per-task expand is a new view already
+                shared = {k for k, t in fast.items() if _ft.maybe_get_level(t) != level}
+                fresh = fast.keys() if owned else shared
+                inputs = _inputs(per_task, fresh)
             loss = fn({k: _ft._add_batch_dim(t, 0, level) for k, t in inputs.items()}, *args)
             if not isinstance(loss, Tensor):
                 _check_scalar(loss, per_task=False)
@@ -185,7 +196,12 @@ def _per_task(t: Tensor, level: int, n: int) -> Tensor:
 
 def func_grad(fn: Callable[..., Tensor]) -> GradFn:
     """The ``"func"`` route: ``torch.func.grad``, which composes with every transform."""
-    return torch.func.grad(fn)
+    grad = torch.func.grad(fn)
+
+    def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
+        return grad(fast, *args)
+
+    return grad_fn
 
 
 def inner_grad(fn: Callable[..., Tensor], route: str, create_graph: bool) -> GradFn:

@@ -135,10 +135,10 @@ def adapt(
     return {k: trainable[k] if k in trainable else frozen[k] for k in params}
 
 
-def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any) -> Params:
+def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: bool = False) -> Params:
     # torch.func's own messages for the two mistakes users make most, in our words.
     try:
-        return grad_fn(fast, *a)
+        return grad_fn(fast, *a, owned=owned)
     except RuntimeError as err:
         text = str(err)
         if "captured Tensor" in text:
@@ -158,8 +158,10 @@ def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any) -> Params:
         raise
 
 
-def _with_buffers(grad_fn: Callable[..., Params], buffers: TensorDict, fast: Params, *a: Any) -> Params:
-    return grad_fn(fast, buffers, *a)
+def _with_buffers(
+    grad_fn: Callable[..., Params], buffers: TensorDict, fast: Params, *a: Any, owned: bool = False
+) -> Params:
+    return grad_fn(fast, buffers, *a, owned=owned)
 
 
 def _sgd_steps(
@@ -170,8 +172,8 @@ def _sgd_steps(
     steps: int,
     first_order: bool,
 ) -> Params:
-    for _ in range(steps):
-        grads = grad_fn(trainable, *args)
+    for i in range(steps):
+        grads = grad_fn(trainable, *args, owned=i > 0)  # after step 0, the tensors are ours
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         trainable = {k: _step(p, rates[k], grads[k]) for k, p in trainable.items()}
@@ -192,8 +194,8 @@ def _optimizer_steps(
     first_order: bool,
 ) -> Params:
     state = opt.init(trainable)
-    for _ in range(steps):
-        grads = grad_fn(trainable, *args)
+    for i in range(steps):
+        grads = grad_fn(trainable, *args, owned=i > 0)
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         updates, state = opt.update(grads, state, trainable)

@@ -186,6 +186,14 @@ def test_adapt_outside_grad_mode_returns_plain_tensors() -> None:
     ref = _run(True, lambda: fparams.adapt(mse, params, xs, ys, lr=0.1, steps=2))
     assert not any(t.requires_grad for t in fast.values())
     assert_dicts_close(fast, {k: v.detach() for k, v in ref.items()}, **TOL)
+    # over tasks too, where the later steps adapt tensors the loop made itself
+    xs, ys = _data()[:2]
+    per_task = lambda p, x, y: fparams.adapt(mse, p, x, y, lr=0.1, steps=3)  # noqa: E731
+    mapped = fparams.map_tasks(per_task, strategy="vmap")
+    with torch.no_grad():
+        got, want = _both(lambda: mapped(fparams.detach(params), xs, ys))
+    assert_dicts_close(got, want, **TOL)
+    assert not torch.allclose(got["0.weight"][0], params["0.weight"]), "nothing adapted"
 
 
 def test_one_tensor_under_two_keys_gets_a_gradient_per_key() -> None:
