@@ -299,18 +299,8 @@ class exact_norms(TorchFunctionMode):
         momentum: float = 0.1,
         eps: float = 1e-5,
     ) -> Tensor:
-        if self.always or vmap_active():
-            return batch_norm(
-                input, running_mean, running_var, weight, bias, training, momentum, eps,
-                batch_stats=self.batch_stats, guard=self._guard,
-            )  # fmt: skip
-        # No vmap: torch's own kernel is exact (and fused), with the same semantics.
-        if self.batch_stats:
-            return F.batch_norm(input, None, None, weight, bias, True, momentum, eps)
-        if training and running_mean is not None and running_var is not None:
-            self._guard(running_mean, "BatchNorm")
-            self._guard(running_var, "BatchNorm")
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        args = (input, (running_mean, running_var), weight, bias, training, momentum, eps)
+        return self._with_stats("BatchNorm", batch_norm, F.batch_norm, *args)
 
     def _instance_norm(
         self,
@@ -323,17 +313,36 @@ class exact_norms(TorchFunctionMode):
         momentum: float = 0.1,
         eps: float = 1e-5,
     ) -> Tensor:
+        args = (input, (running_mean, running_var), weight, bias, use_input_stats, momentum, eps)
+        return self._with_stats("InstanceNorm", instance_norm, F.instance_norm, *args)
+
+    def _with_stats(
+        self,
+        layer: str,
+        decomposed: Callable[..., Tensor],
+        kernel: Callable[..., Tensor],
+        input: Tensor,
+        stats: Tuple[Optional[Tensor], Optional[Tensor]],
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        use_input_stats: bool,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        # Batch or instance normalization, which may update running statistics.
+        mean, var = stats
         if self.always or vmap_active():
-            return instance_norm(
-                input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+            return decomposed(
+                input, mean, var, weight, bias, use_input_stats, momentum, eps,
                 batch_stats=self.batch_stats, guard=self._guard,
             )  # fmt: skip
+        # No vmap: torch's own kernel is exact (and fused), with the same semantics.
         if self.batch_stats:
-            return F.instance_norm(input, None, None, weight, bias, True, momentum, eps)
-        if use_input_stats and running_mean is not None and running_var is not None:
-            self._guard(running_mean, "InstanceNorm")
-            self._guard(running_var, "InstanceNorm")
-        return F.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+            return kernel(input, None, None, weight, bias, True, momentum, eps)
+        if use_input_stats and mean is not None and var is not None:
+            self._guard(mean, layer)
+            self._guard(var, layer)
+        return kernel(input, mean, var, weight, bias, use_input_stats, momentum, eps)
 
     def _count_batches(self, counter: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         # BatchNorm's forward runs ``num_batches_tracked.add_(1)`` itself.

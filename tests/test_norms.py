@@ -69,13 +69,18 @@ def _state(module: nn.Module) -> Dict[str, Tensor]:
     return {k: b.clone() for k, b in module.named_buffers()}
 
 
-@pytest.mark.parametrize("name", sorted(NORMS))
-def test_decomposition_equals_native(name: str) -> None:
+def _pair(name: str) -> Tuple[nn.Module, nn.Module, Tuple[int, ...]]:
+    """Two identical float64 copies of the layer ``name`` (randomised), and its input shape."""
     make, shape = NORMS[name]
     torch.manual_seed(0)
     native = make().double()
     _randomise(native)
-    mine = copy.deepcopy(native)
+    return native, copy.deepcopy(native), shape
+
+
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_decomposition_equals_native(name: str) -> None:
+    native, mine, shape = _pair(name)
     g = torch.Generator().manual_seed(4)
     # three train calls (running statistics move), then two eval calls
     for mode in ("train", "train", "train", "eval", "eval"):
@@ -104,11 +109,7 @@ def test_decomposition_equals_native(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(NORMS))
 def test_without_vmap_torch_kernels_run_with_the_same_results(name: str) -> None:
-    make, shape = NORMS[name]
-    torch.manual_seed(0)
-    native = make().double()
-    _randomise(native)
-    mine = copy.deepcopy(native)
+    native, mine, shape = _pair(name)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     want = native(x)
     with fparams.exact_norms():
