@@ -61,6 +61,30 @@ def test_compiled_second_order_meta_step_matches_eager() -> None:
         assert_dicts_close(g, grads_wrt(want, ref), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
+def test_compiled_loop_strategy_compiles_one_task_once() -> None:
+    # The loop compiles one task's step and calls it per task: one graph, not one per task.
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    params = _params()
+    data = task_data(4, shots=5, features=1)
+
+    def with_aux(p: Dict[str, Tensor], *task: Tensor) -> Any:
+        loss = maml_task(p, *task)
+        return loss, loss.detach() * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fparams.CompileFallbackWarning)
+        step = fparams.meta_value_and_grad(with_aux, has_aux=True, strategy="loop", compile=True)
+        (value, aux), grads = step(params, *data)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    (ev, eaux), eg = fparams.meta_value_and_grad(with_aux, has_aux=True, strategy="loop")(params, *data)
+    torch.testing.assert_close(value, ev, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(aux, eaux, rtol=1e-12, atol=1e-14)
+    assert aux.shape == (4,)
+    assert_dicts_close(grads, eg, rtol=1e-12, atol=1e-14)
+
+
 # -- the fallback ----------------------------------------------------------------------
 
 
