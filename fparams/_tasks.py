@@ -258,7 +258,9 @@ def meta_value_and_grad(
     (any pytree of tensors works). The tasks are mapped with
     :func:`map_tasks` and its options. With ``compile=True`` the step runs
     through :func:`fparams.compile`, which falls back to eager with a warning
-    where compilation fails.
+    where compilation fails; where the strategy is the loop, one task's step
+    is compiled once and called for every task (the gradient of the mean loss
+    is the mean of the per-task gradients), rather than one graph per task.
 
     Example:
         >>> import torch, fparams
