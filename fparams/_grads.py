@@ -18,8 +18,8 @@ backward. Two common cases need no such level:
 :func:`grad_route` picks the route once per ``adapt`` call. The second route
 uses functorch internals; where they are missing (another torch version) or
 anything else is active (an outer ``torch.func.grad``, ``jvp``,
-``functionalize``, nested ``vmap``, ``torch.compile`` tracing) it answers
-``"func"`` and ``torch.func.grad`` runs as before. All routes give the same
+``functionalize``, nested ``vmap``, ``torch.compile`` tracing, inference
+mode) it answers ``"func"`` and ``torch.func.grad`` runs as before. All routes give the same
 numbers up to float rounding; ``tests/test_grads.py`` checks them against
 each other.
 """
