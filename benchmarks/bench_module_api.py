@@ -49,7 +49,7 @@ import argparse
 import copy
 import gc
 import itertools
-import statistics
+import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -58,6 +58,9 @@ import torch
 from torch import Tensor, nn
 
 import fparams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared timing
+from _timing import CLOCKS, time_interleaved  # noqa: E402
 
 SHALLOW = "shallow copy (l2l)"
 DEEPCOPY = "copy.deepcopy"
@@ -241,42 +244,6 @@ def _paths(case: Case, lr: float = 0.01) -> Dict[str, Dict[str, Callable[[], Any
         FLOOR: {"adapt": floor, "total": lambda: (floor(), net(x))},
         FORWARD: {"total": lambda: net(x)},
     }
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def _once(fn: Callable[[], Any], number: int, clock: Callable[[], float]) -> float:
-    start = clock()
-    for _ in range(number):
-        fn()
-    return (clock() - start) / number
-
-
-def time_interleaved(
-    fns: Dict[str, Callable[[], Any]],
-    repeats: int,
-    warmup: int,
-    target_s: float,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns.
-
-    Each sample runs a function ``number`` times, with ``number`` chosen so a
-    sample lasts about ``target_s``; the order of the functions rotates from
-    round to round.
-    """
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    numbers = {n: max(1, round(target_s / max(_once(fns[n], 1, time.perf_counter), 1e-7))) for n in names}
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(_once(fns[name], numbers[name], clock))
-    return {n: statistics.median(s) for n, s in samples.items()}
 
 
 def run_case(

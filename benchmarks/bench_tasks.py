@@ -55,10 +55,8 @@ for ``torch.set_num_threads``, or ``--quick`` for a smoke run on tiny sizes
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -70,6 +68,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fparams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared timing
+from _timing import CLOCKS, time_interleaved  # noqa: E402
 
 LOOP = "MAML loop (l2l)"
 VMAP = "map_tasks vmap"
@@ -319,41 +320,6 @@ def rel_err(got: Sequence[Tensor], ref: Sequence[Tensor]) -> float:
 
 
 # -- timing -----------------------------------------------------------------------
-
-
-#: ``--clock``: wall time, or the process's CPU time (steadier while other
-#: processes share the cores; it leaves out time spent waiting for a core).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def _once(fn: Callable[[], Any], number: int, clock: Callable[[], float] = time.perf_counter) -> float:
-    start = clock()
-    for _ in range(number):
-        fn()
-    return (clock() - start) / number
-
-
-def time_interleaved(
-    fns: Dict[str, Callable[[], Any]],
-    repeats: int,
-    warmup: int,
-    target_s: float,
-    clock: Callable[[], float] = time.perf_counter,
-) -> Dict[str, float]:
-    """Median seconds per call of each function, the functions taking turns in a rotating order."""
-    names = list(fns)
-    numbers = {}
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-        numbers[name] = max(1, round(target_s / max(_once(fns[name], 1), 1e-7)))
-    samples: Dict[str, List[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            gc.collect()
-            samples[name].append(_once(fns[name], numbers[name], clock))
-    return {n: statistics.median(s) for n, s in samples.items()}
 
 
 def _first_call(fn: Callable[[], List[Tensor]]) -> tuple:

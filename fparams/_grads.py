@@ -153,23 +153,23 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     ``fn`` runs at the active vmap level itself, on the per-task parameters
     wrapped as batched tensors, so autograd records the physical batched ops;
     the gradient of the physical per-task losses' sum is then taken with the
-    vmap level set aside. Call it only where :func:`grad_route` says ``"vmap"``.
+    vmap level set aside. Call it only where :func:`grad_route` says ``"vmap"``,
+    under that vmap: its level and batch size are read once, here.
     """
+    interp: Any = _pyft.retrieve_current_functorch_interpreter()
+    level, n = interp.level(), interp.batch_size()
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
-        interp: Any = _pyft.retrieve_current_functorch_interpreter()
-        level, n = interp.level(), interp.batch_size()
         with torch.enable_grad():
             with _pyft.temporarily_pop_interpreter_stack():  # requires_grad_ is refused under vmap
                 per_task = {k: _per_task(t, level, n) for k, t in fast.items()}
                 # a shared (unbatched) param's per-task expand is a new view already
-                shared = {k for k, t in fast.items() if _ft.maybe_get_level(t) != level}
-                fresh = fast.keys() if owned else shared
+                fresh = fast.keys() if owned else {k for k, t in fast.items() if not _batched(t, level)}
                 inputs = _inputs(per_task, fresh)
             loss = fn({k: _ft._add_batch_dim(t, 0, level) for k, t in inputs.items()}, *args)
             if not isinstance(loss, Tensor):
                 _check_scalar(loss, per_task=False)
-            if _ft.maybe_get_level(loss) == level:
+            if _batched(loss, level):
                 losses, dim = _ft._unwrap_batched(loss, level)
                 _check_scalar(losses.movedim(int(dim), 0), per_task=True)
             else:  # the same for every task: it cannot depend on the per-task inputs
@@ -185,10 +185,14 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     return grad_fn
 
 
+def _batched(t: Tensor, level: int) -> bool:
+    return bool(_ft.maybe_get_level(t) == level)
+
+
 def _per_task(t: Tensor, level: int, n: int) -> Tensor:
     # The physical tensor under the vmap level with the tasks on dim 0; an
     # unbatched (shared) tensor gets a per-task view, so each task has its own gradient.
-    if _ft.maybe_get_level(t) != level:
+    if not _batched(t, level):
         return t.expand(n, *t.shape)
     value, dim = _ft._unwrap_batched(t, level)
     return value if dim == 0 else value.movedim(int(dim), 0)

@@ -58,20 +58,34 @@ def _data(seed: int = 1) -> List[Tensor]:
 def _run(route_forced: bool, fn: Callable[[], Any]) -> Any:
     if not route_forced:
         return fn()
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # torch.func.grad everywhere: the reference
         mp.setattr(inner_mod, "grad_route", lambda: "func")
+        mp.setattr(tasks_mod, "grad_route", lambda: "func")
         return fn()
 
 
-def _meta(net: nn.Module, strategy: str, forced: bool, **adapt_kw: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Per-task query losses and the meta-gradient (through .backward())."""
-    arch, params, _ = fparams.split(net)
+def _both(fn: Callable[[], Any]) -> Tuple[Any, Any]:
+    """(result on the route adapt picks, result with torch.func everywhere)."""
+    ref = _run(True, fn)
+    return _run(False, fn), ref
+
+
+def _maml(arch: fparams.Architecture, **adapt_kw: Any) -> Tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """``mse(p, x, y)`` and the MAML task: adapt on the support set, the loss on the query set."""
 
     def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         return (arch(p, x) - y).pow(2).mean()
 
     def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        return mse(fparams.adapt(mse, p, xs, ys, steps=2, **adapt_kw), xq, yq)
+        return mse(fparams.adapt(mse, p, xs, ys, **{"lr": 0.1, "steps": 2, **adapt_kw}), xq, yq)
+
+    return mse, task
+
+
+def _meta(net: nn.Module, strategy: str, forced: bool, **adapt_kw: Any) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Per-task query losses and the meta-gradient (through .backward())."""
+    arch, params, _ = fparams.split(net)
+    _, task = _maml(arch, **adapt_kw)
 
     def go() -> Tuple[Tensor, Dict[str, Tensor]]:
         net.zero_grad(set_to_none=True)
@@ -119,12 +133,7 @@ def test_routes_agree(kind: str, option: str, strategy: str) -> None:
 def test_dropout_draws_are_the_same_on_every_route(randomness: str) -> None:
     net = _net("dropout")
     arch, params, _ = fparams.split(net)
-
-    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return (arch(p, x) - y).pow(2).mean()
-
-    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
-        return mse(fparams.adapt(mse, p, xs, ys, lr=0.1, steps=2), xq, yq)
+    _, task = _maml(arch)
 
     def go() -> Tensor:
         torch.manual_seed(7)
@@ -160,16 +169,10 @@ def test_second_order_meta_gradient_of_the_vmap_route_matches_finite_differences
     arch, params, _ = fparams.split(net)
     names = list(params)
     data = _data()
-
-    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return (arch(p, x) - y).pow(2).mean()
+    mapped = fparams.map_tasks(_maml(arch, steps=1)[1], strategy="vmap")
 
     def objective(*values: Tensor) -> Tensor:
-        p = dict(zip(names, values))
-        mapped = fparams.map_tasks(
-            lambda q, xs, ys, xq, yq: mse(fparams.adapt(mse, q, xs, ys, lr=0.1), xq, yq), strategy="vmap"
-        )
-        return mapped(p, *data).mean()
+        return mapped(dict(zip(names, values)), *data).mean()
 
     values = tuple(v.detach().clone().requires_grad_() for v in params.values())
     assert torch.autograd.gradcheck(objective, values)
@@ -180,7 +183,7 @@ def test_adapt_outside_grad_mode_returns_plain_tensors() -> None:
     net = _net("mlp")
     arch, params, _ = fparams.split(net)
     xs, ys = _data()[0][0], _data()[1][0]
-    mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()  # noqa: E731
+    mse, _ = _maml(arch)
     with torch.no_grad():
         fast = fparams.adapt(mse, params, xs, ys, lr=0.1, steps=2)
     ref = _run(True, lambda: fparams.adapt(mse, params, xs, ys, lr=0.1, steps=2))
@@ -239,12 +242,10 @@ def test_the_route_follows_the_active_transforms() -> None:
 def _value_and_grad_case(has_aux: bool) -> Tuple[Callable[..., Any], Dict[str, Tensor], List[Tensor]]:
     net = _net("layernorm")
     arch, params, _ = fparams.split(net)
+    _, maml_task = _maml(arch)
 
-    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return (arch(p, x) - y).pow(2).mean()
-
-    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Any:
-        loss = mse(fparams.adapt(mse, p, xs, ys, lr=0.1, steps=2), xq, yq)
+    def task(*args: Tensor) -> Any:
+        loss = maml_task(*args)
         return (loss, loss.detach() * 2) if has_aux else loss
 
     return fparams.meta_value_and_grad(task, has_aux=has_aux), params, _data()
@@ -253,10 +254,7 @@ def _value_and_grad_case(has_aux: bool) -> Tuple[Callable[..., Any], Dict[str, T
 @pytest.mark.parametrize("has_aux", [False, True])
 def test_meta_value_and_grad_routes_agree(has_aux: bool) -> None:
     step, params, data = _value_and_grad_case(has_aux)
-    with pytest.MonkeyPatch.context() as mp:  # torch.func.grad_and_value everywhere
-        mp.setattr(tasks_mod, "grad_route", lambda: "func")
-        want_value, want_grads = step(params, *data)
-    value, grads = step(params, *data)
+    (value, grads), (want_value, want_grads) = _both(lambda: step(params, *data))
     torch.testing.assert_close(value, want_value, **TOL)
     assert_dicts_close(grads, want_grads, **TOL)
     assert all(p.grad is None for p in params.values()), "a pure step wrote to .grad"
@@ -267,9 +265,7 @@ def test_meta_value_and_grad_stays_differentiable_like_torch_func() -> None:
     step, params, data = _value_and_grad_case(False)
     _, grads = step(params, *data)
     third = torch.autograd.grad(sum(g.pow(2).sum() for g in grads.values()), list(params.values()))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(tasks_mod, "grad_route", lambda: "func")
-        _, ref = step(params, *data)
+    _, ref = _run(True, lambda: step(params, *data))
     want = torch.autograd.grad(sum(g.pow(2).sum() for g in ref.values()), list(params.values()))
     for a, b in zip(third, want):
         torch.testing.assert_close(a, b, **TOL)
@@ -279,15 +275,6 @@ def test_meta_value_and_grad_stays_differentiable_like_torch_func() -> None:
 
 
 # -- cases a review found, each against the torch.func reference ------------------------
-
-
-def _both(fn: Callable[[], Any]) -> Tuple[Any, Any]:
-    """(result on the route adapt picks, result with torch.func everywhere)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inner_mod, "grad_route", lambda: "func")
-        mp.setattr(tasks_mod, "grad_route", lambda: "func")
-        ref = fn()
-    return fn(), ref
 
 
 def _w() -> Tensor:
