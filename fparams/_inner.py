@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._checkpoint import check_checkpoint, checkpointed_step
 from ._grads import grad_route, inner_grad
 from ._norms import innermost_exact_norms
 from ._transforms import check_rate_shapes, partition
@@ -51,6 +52,7 @@ def adapt(
     first_order: bool = False,
     filter: Optional[Filter] = None,
     buffers: Optional[TensorDict] = None,
+    checkpoint: bool = False,
 ) -> Params:
     """Take ``steps`` differentiable gradient steps on ``loss_fn(params, *args)``.
 
@@ -80,6 +82,20 @@ def adapt(
             call as ``loss_fn(params, *args, buffers=buffers)``; under
             ``torch.func.grad`` it is an input of each gradient call, which is
             what lets a layer update it there (a captured tensor cannot be).
+        checkpoint: recompute each step's activations in the backward pass
+            instead of keeping them (exact: the same meta-gradient). Memory
+            then grows by one copy of the params (and optimizer state) per
+            step instead of one step's whole graph, for about one more
+            forward and backward pass per step. It runs
+            with plain autograd (``.backward()``, eager
+            :func:`fparams.meta_value_and_grad`) and under one ``vmap``
+            (:func:`fparams.map_tasks`, every strategy); under an outer
+            ``torch.func`` grad transform or ``torch.compile`` it raises,
+            since torch's checkpointing cannot run there. Without a graph to
+            keep (``first_order=True``, or no grad mode) it changes nothing.
+            Layers that update module buffers in place other than through
+            ``buffers`` (BatchNorm in train mode without ``buffers=``) update
+            them once more when a step is recomputed; pass ``buffers=``.
 
     Returns:
         A new dict with every name of ``params``.
@@ -107,32 +123,84 @@ def adapt(
     create_graph = torch.is_grad_enabled() and not first_order
     if create_graph and not any(t.requires_grad for t in params.values()):
         route = "func"  # see grad_route: no graph from fresh leaves onto the results
+    # Checkpointing saves memory only where second-order graphs are recorded.
+    checkpoint = checkpoint and create_graph
+    if checkpoint:
+        if route == "func" and grad_route() in ("autograd", "vmap"):
+            route = grad_route()  # the fresh leaves' graph is dropped with the step's
+        check_checkpoint(route)
     norms = innermost_exact_norms()
     if norms is not None:
         # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.
         loss_fn = norms.around(loss_fn)
-    if buffers is None:
-
-        def inner(fast: Params, *a: Any) -> Tensor:
-            return loss_fn({**fast, **frozen}, *a)
-
-        grad_fn = inner_grad(inner, route, create_graph)
-    else:
-
-        def inner_b(fast: Params, b: TensorDict, *a: Any) -> Tensor:
-            return loss_fn({**fast, **frozen}, *a, buffers=b)
-
-        grad_fn = functools.partial(_with_buffers, inner_grad(inner_b, route, create_graph), buffers)
-    grad_fn = functools.partial(_explained, grad_fn)
+    grads_for = functools.partial(_grad_fn, loss_fn, create_graph, buffers is not None)
     with norms.suspended() if norms is not None else contextlib.nullcontext():
         if is_optimizer(lr):
-            trainable = _optimizer_steps(grad_fn, lr, trainable, args, steps, first_order)
+            opt: Any = lr
+            carry: Tuple[Params, Any] = (trainable, opt.init(trainable))
+            update: Optional[Callable[..., Tuple[Params, Any]]] = functools.partial(_optimizer_update, opt)
+            rates: Any = None
         else:
             rates = check_rates(where, lr, trainable, params)
             check_rate_shapes(where, rates, trainable)
-            trainable = _sgd_steps(grad_fn, rates, trainable, args, steps, first_order)
+            carry, update = (trainable, None), None
+        ctx = (rates, frozen, args)
+        if checkpoint:  # the vmap route's gradient function is made inside the step's own vmap
+            body = functools.partial(_checkpointed_body, grads_for, update, first_order)
+            for _ in range(steps):
+                carry = checkpointed_step(body, carry, ctx, buffers)
+        else:
+            grads_fn = grads_for(route)
+            for i in range(steps):
+                carry = _one_step(grads_fn, update, first_order, i > 0, carry, ctx, buffers)
+        trainable = carry[0]
     # the caller's key order, so that zipping names with values stays safe
     return {k: trainable[k] if k in trainable else frozen[k] for k in params}
+
+
+def _grad_fn(
+    loss_fn: Callable[..., Tensor], create_graph: bool, with_buffers: bool, route: str
+) -> Callable[..., Params]:
+    """``grads(fast, frozen, buffers, *args, owned=...)`` of ``loss_fn`` by ``route``."""
+    def inner(fast: Params, frozen: Params, b: Optional[TensorDict], *a: Any) -> Tensor:
+        if with_buffers:
+            return loss_fn({**fast, **frozen}, *a, buffers=b)
+        return loss_fn({**fast, **frozen}, *a)
+
+    return functools.partial(_explained, inner_grad(inner, route, create_graph))
+
+
+def _one_step(
+    grads_fn: Callable[..., Params],
+    update: Optional[Callable[..., Tuple[Params, Any]]],
+    first_order: bool,
+    owned: bool,
+    carry: Tuple[Params, Any],
+    ctx: Tuple[Any, Params, Tuple[Any, ...]],
+    buffers: Optional[TensorDict],
+) -> Tuple[Params, Any]:
+    """One inner step: ``carry = (trainable, optimizer state)`` to the next carry."""
+    trainable, state = carry
+    rates, frozen, args = ctx
+    grads = grads_fn(trainable, frozen, buffers, *args, owned=owned)  # owned: the tensors are ours
+    if first_order:
+        grads = {k: g.detach() for k, g in grads.items()}
+    if update is None:
+        return {k: _step(p, rates[k], grads[k]) for k, p in trainable.items()}, None
+    return update(grads, state, trainable)
+
+
+def _checkpointed_body(
+    grads_for: Callable[[str], Callable[..., Params]],
+    update: Optional[Callable[..., Tuple[Params, Any]]],
+    first_order: bool,
+    carry: Tuple[Params, Any],
+    ctx: Tuple[Any, Params, Tuple[Any, ...]],
+    buffers: Optional[TensorDict],
+) -> Tuple[Params, Any]:
+    # Runs on the first run and when recomputed: the route is read here,
+    # since the vmap route's level is the step's own.
+    return _one_step(grads_for(grad_route()), update, first_order, False, carry, ctx, buffers)
 
 
 def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: bool = False) -> Params:
@@ -158,46 +226,11 @@ def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: boo
         raise
 
 
-def _with_buffers(
-    grad_fn: Callable[..., Params], buffers: TensorDict, fast: Params, *a: Any, owned: bool = False
-) -> Params:
-    return grad_fn(fast, buffers, *a, owned=owned)
-
-
-def _sgd_steps(
-    grad_fn: Callable[..., Params],
-    rates: Dict[str, Any],
-    trainable: Params,
-    args: Tuple[Any, ...],
-    steps: int,
-    first_order: bool,
-) -> Params:
-    for i in range(steps):
-        grads = grad_fn(trainable, *args, owned=i > 0)  # after step 0, the tensors are ours
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        trainable = {k: _step(p, rates[k], grads[k]) for k, p in trainable.items()}
-    return trainable
-
-
 def _step(p: Tensor, rate: Any, grad: Tensor) -> Tensor:
     # one op for a number, where ``p - rate * grad`` takes two
     return p.sub(grad, alpha=float(rate)) if isinstance(rate, numbers.Real) else p - rate * grad
 
 
-def _optimizer_steps(
-    grad_fn: Callable[..., Params],
-    opt: Any,
-    trainable: Params,
-    args: Tuple[Any, ...],
-    steps: int,
-    first_order: bool,
-) -> Params:
-    state = opt.init(trainable)
-    for i in range(steps):
-        grads = grad_fn(trainable, *args, owned=i > 0)
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        updates, state = opt.update(grads, state, trainable)
-        trainable = {k: p + updates[k] for k, p in trainable.items()}
-    return trainable
+def _optimizer_update(opt: Any, grads: Params, state: Any, trainable: Params) -> Tuple[Params, Any]:
+    updates, state = opt.update(grads, state, trainable)
+    return {k: p + updates[k] for k, p in trainable.items()}, state

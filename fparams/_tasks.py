@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -240,6 +240,15 @@ def _per_task_losses(out: Any) -> Tensor:
     return out
 
 
+def _losses_and_aux(out: Any, has_aux: bool) -> Tuple[Tensor, Any]:
+    """The per-task losses (one scalar per task) and, with ``has_aux``, the stacked aux."""
+    if not has_aux:
+        return _per_task_losses(out), None
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError("fparams.meta_value_and_grad: has_aux=True needs task_fn to return (loss, aux).")
+    return _per_task_losses(out[0]), out[1]
+
+
 def meta_value_and_grad(
     task_fn: Callable[..., Any],
     *,
@@ -277,23 +286,18 @@ def meta_value_and_grad(
     )
 
     def objective(params: Any, *task_batches: Any) -> Any:
-        out = mapped(params, *task_batches)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise ValueError(
-                    "fparams.meta_value_and_grad: has_aux=True needs task_fn to return (loss, aux)."
-                )
-            return _per_task_losses(out[0]).mean(), out[1]
-        return _per_task_losses(out).mean()
+        losses, aux = _losses_and_aux(mapped(params, *task_batches), has_aux)
+        return (losses.mean(), aux) if has_aux else losses.mean()
 
     def step(params: Any, *task_batches: Any) -> Any:
         if grad_route() == "autograd":  # eager, no transform (torch.compile traces the other branch)
             flat, spec = pytree.tree_flatten(params)
-            if all(isinstance(t, Tensor) for t in flat) and any(t.requires_grad for t in flat):
-                return _autograd_value_and_grad(objective, has_aux, flat, spec, task_batches)
+            if all(isinstance(t, Tensor) for t in flat):
+                return _by_chunks(task_fn, has_aux, flat, spec, task_batches, options)
         grads, value = torch.func.grad_and_value(objective, has_aux=has_aux)(params, *task_batches)
         return value, grads
 
+    options = _Options(strategy, chunk_size, randomness, batch_stats)
     if not compile:
         return step
     return _compiled_step(task_fn, step, has_aux, strategy, chunk_size, randomness, batch_stats)
@@ -343,23 +347,114 @@ def _compiled_step(
     return run
 
 
-def _autograd_value_and_grad(
-    objective: Callable[..., Any], has_aux: bool, flat: List[Tensor], spec: Any, task_batches: Sequence[Any]
+class _Options(NamedTuple):
+    strategy: str
+    chunk_size: Optional[int]
+    randomness: str
+    batch_stats: bool
+
+
+def _chunks(chosen: str, n: int, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
+    """The task ranges whose gradients are taken one after the other."""
+    size = {"loop": 1, "vmap": n}.get(chosen, chunk_size or n)
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _by_chunks(
+    task_fn: Callable[..., Any],
+    has_aux: bool,
+    flat: List[Tensor],
+    spec: Any,
+    task_batches: Sequence[Any],
+    options: _Options,
 ) -> Any:
-    # What torch.func.grad_and_value computes, by plain autograd (no transform
-    # is active, some param requires grad): the inner loops inside then take
-    # their fast routes too. As with torch.func, the results stay
-    # differentiable (with respect to the params and to anything the task
-    # function captures), and nothing is written to any .grad.
-    keep_graph = torch.is_grad_enabled()
-    with torch.enable_grad():
+    # What torch.func.grad_and_value of the mean task loss computes, by plain
+    # autograd, one chunk of tasks at a time (a task for the loop, every task
+    # for vmap): each chunk's gradient is taken, and its graph freed, before
+    # the next chunk runs. The inner loops inside take their fast routes too.
+    # The results are differentiable further (as torch.func's are) only where
+    # that needs a graph: grad mode is on and some param, or a tensor the task
+    # function captures, requires grad. Nothing is written to any .grad.
+    where = "fparams.meta_value_and_grad"
+    n = _num_tasks(where, task_batches)
+    chosen = _resolve(options.strategy, options.chunk_size, options.randomness, task_batches, n)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    check = torch.is_grad_enabled() and not keep  # for captured tensors that require grad
+    total: List[Optional[Tensor]] = [None] * len(flat)
+    values: List[Tensor] = []
+    auxes: List[Any] = []
+    norms = exact_norms(options.batch_stats)
+    with torch.enable_grad(), norms:
         inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in flat]
-        out = objective(pytree.tree_unflatten(inputs, spec), *task_batches)
-        value = out[0] if has_aux else out
-        found: Sequence[Optional[Tensor]] = (None,) * len(inputs)  # if it does not depend on them
-        if value.requires_grad:
-            found = torch.autograd.grad(value, inputs, create_graph=keep_graph, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, found)]
-    if not keep_graph:
-        out = pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, out)
-    return out, pytree.tree_unflatten(grads, spec)
+        params = pytree.tree_unflatten(inputs, spec)
+        for a, b in _chunks(chosen, n, options.chunk_size):
+            out = _run_chunk(task_fn, chosen, params, task_batches, a, b, norms, options.randomness)
+            losses, aux = _losses_and_aux(out, has_aux)
+            loss = losses.sum() / n
+            if check and loss.requires_grad:
+                keep, check = _reaches_other_leaves(loss, inputs), False
+            found: Sequence[Optional[Tensor]] = (None,) * len(inputs)
+            if loss.requires_grad:
+                found = torch.autograd.grad(loss, inputs, create_graph=keep, allow_unused=True)
+            total = [g if t is None else t if g is None else t + g for t, g in zip(total, found)]
+            values.append(loss if keep else loss.detach())
+            if has_aux:
+                auxes.append(aux if keep else _detached(aux))
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, total)]
+    value = values[0] if len(values) == 1 else torch.stack(values).sum()
+    result = (value, _cat(auxes)) if has_aux else value
+    return result, pytree.tree_unflatten(grads, spec)
+
+
+def _run_chunk(
+    task_fn: Callable[..., Any],
+    chosen: str,
+    params: Any,
+    batches: Sequence[Any],
+    a: int,
+    b: int,
+    norms: exact_norms,
+    randomness: str,
+) -> Any:
+    """The outputs of tasks ``a:b``, stacked, as :func:`map_tasks` computes them."""
+    if chosen == "loop":  # one task; ``norms`` is entered around the whole loop
+        norms.begin_task(a)
+        return pytree.tree_map(lambda t: t.unsqueeze(0), task_fn(params, *_task(batches, a)))
+    chunk = [pytree.tree_map(lambda t: t[a:b] if isinstance(t, Tensor) else t, x) for x in batches]
+    with norms.suspended():  # entered again inside the mapped function, as map_tasks does
+        mapped = torch.func.vmap(
+            norms.around(task_fn), in_dims=(None,) + (0,) * len(chunk), randomness=randomness
+        )
+        return mapped(params, *chunk)
+
+
+def _reaches_other_leaves(loss: Tensor, inputs: Sequence[Tensor]) -> bool:
+    """Does ``loss`` depend on a tensor that requires grad besides ``inputs``?
+
+    Such a tensor is one the task function captured (a learned rate in its
+    closure): the results must then stay differentiable with respect to it.
+    """
+    own = {id(t) for t in inputs}
+    seen = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if leaf is not None and id(leaf) not in own:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def _detached(tree: Any) -> Any:
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def _cat(chunks: List[Any]) -> Any:
+    if len(chunks) == 1:
+        return chunks[0]
+    flat, specs = zip(*(pytree.tree_flatten(c) for c in chunks))
+    return pytree.tree_unflatten([torch.cat(list(col)) for col in zip(*flat)], specs[0])

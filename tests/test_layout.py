@@ -27,6 +27,7 @@ LAYERS = {
     "optim": 5,
     "_norms": 5,
     "_grads": 5,
+    "_checkpoint": 5,
     "_inner": 6,
     "_tasks": 7,
     "_maml": 7,

@@ -1,0 +1,218 @@
+"""Activation checkpointing for the inner loop: recompute each step in the backward pass.
+
+An unrolled second-order inner loop keeps, for every step, the activations of
+its forward pass and of the backward pass that made the inner gradient (the
+double-backward graph). :func:`checkpointed_step` runs one step so that every
+tensor autograd saves in it is dropped when the step returns, and recomputed
+from the step's inputs when the outer backward pass first needs one. The inner
+loop then keeps its carry (the parameters and optimizer state) per step, and
+one step's activations at a time.
+
+``torch.utils.checkpoint`` (non-reentrant) would recompute a step as soon as
+the step's own inner ``autograd.grad`` reads a saved tensor, so every step
+would run twice before the outer backward pass even starts. Here the saved
+tensors stay until the step returns, through autograd's saved-tensor hooks,
+which torch's ``torch.func.grad`` / ``vjp`` / ``jacrev`` refuse and which
+``torch.compile`` does not trace. So checkpointing runs where the inner
+gradient is taken by plain autograd:
+
+* the ``"autograd"`` route (no functorch transform active): the step is
+  checkpointed as it is;
+* the ``"vmap"`` route (one ``vmap``, ``map_tasks``): the step is checkpointed
+  on the physical per-task tensors beneath that vmap, and runs inside a fresh
+  ``vmap`` of its own over the tasks, both when it first runs and when it is
+  recomputed (by then the outer vmap is gone).
+
+Anywhere else :func:`check_checkpoint` raises, naming what to do instead.
+
+Recomputation replays the step exactly: the same inputs, the RNG state of the
+first run (dropout draws the same masks), and copies of the ``buffers`` as
+they were before the step (the statistics are updated once per step, as
+without checkpointing). A replay that saves different tensors raises.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from ._grads import _batched, _ft, _pyft, grad_route
+
+#: ``body(carry, ctx, buffers) -> carry``: one inner step. ``ctx`` holds every
+#: other tensor the step reads (rates, frozen params, the task's arguments), so
+#: that the vmap route can hand them to a vmap of its own; ``buffers`` is the
+#: state the step updates in place (or None).
+Body = Callable[[Any, Any, Any], Any]
+
+
+class _Saved:
+    """What autograd keeps for one saved tensor of a checkpointed step: dropped, then refilled."""
+
+    __slots__ = ("tensor", "shape", "dtype", "__weakref__")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor: Optional[Tensor] = tensor
+        self.shape, self.dtype = tensor.shape, tensor.dtype
+
+
+class _Region:
+    """One checkpointed step: its saved tensors, and how to recompute them.
+
+    On the first run every tensor autograd saves is held as usual, so the
+    step's own inner backward pass can use it; when the step returns they are
+    all dropped. The first time the outer backward pass needs one of them, the
+    step is run again from the same inputs (same RNG state, buffers as they
+    were) and every saved tensor still referenced by the graph is refilled, in
+    the order they were saved.
+    """
+
+    def __init__(
+        self, fn: Callable[..., Any], args: Tuple[Any, ...], buffers: Optional[Mapping[str, Tensor]]
+    ) -> None:
+        self.fn, self.args = fn, args
+        self.buffers = None if buffers is None else {k: t.detach().clone() for k, t in buffers.items()}
+        self.devices = sorted({t.device for t in pytree.tree_leaves(args) if isinstance(t, Tensor)}, key=str)
+        self.rng = _rng_state(self.devices)
+        self.slots: List[weakref.ReferenceType[_Saved]] = []
+
+    def run(self, buffers: Any) -> Any:
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            out = self.fn(*self.args, buffers)
+        for ref in self.slots:
+            saved = ref()
+            if saved is not None:
+                saved.tensor = None
+        return out
+
+    def _pack(self, tensor: Tensor) -> _Saved:
+        saved = _Saved(tensor)
+        self.slots.append(weakref.ref(saved))
+        return saved
+
+    def _unpack(self, saved: _Saved) -> Tensor:
+        if saved.tensor is None:
+            self._recompute()
+        assert saved.tensor is not None
+        return saved.tensor
+
+    def _recompute(self) -> None:
+        index = 0
+
+        def pack(tensor: Tensor) -> _Saved:
+            nonlocal index
+            if index >= len(self.slots):
+                raise _replay_error("saved more tensors than on its first run")
+            saved = self.slots[index]()
+            index += 1
+            if saved is not None:
+                if (saved.shape, saved.dtype) != (tensor.shape, tensor.dtype):
+                    raise _replay_error(
+                        f"saved a {tuple(tensor.shape)} {tensor.dtype} tensor where its first run "
+                        f"saved a {tuple(saved.shape)} {saved.dtype} one"
+                    )
+                saved.tensor = tensor
+            return _Saved(tensor)  # the recomputation's own graph needs it too
+
+        buffers = None if self.buffers is None else {k: t.clone() for k, t in self.buffers.items()}
+        with torch.random.fork_rng(devices=[d for d in self.devices if d.type == "cuda"]):
+            _set_rng_state(self.rng)
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack_own):
+                self.fn(*self.args, buffers)
+        if index != len(self.slots):
+            raise _replay_error(f"saved {index} tensors where its first run saved {len(self.slots)}")
+
+
+def _unpack_own(saved: _Saved) -> Tensor:
+    assert saved.tensor is not None
+    return saved.tensor
+
+
+def _replay_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"fparams.adapt(checkpoint=True): an inner step, recomputed for the backward pass, {what}, "
+        f"so it did not run the same computation again. The loss must compute the same thing "
+        f"from the same inputs (no Python state that changes between calls); pass "
+        f"checkpoint=False otherwise."
+    )
+
+
+def _rng_state(devices: List[torch.device]) -> List[Tuple[Optional[torch.device], Tensor]]:
+    cuda = [(d, torch.cuda.get_rng_state(d)) for d in devices if d.type == "cuda"]
+    return [(None, torch.get_rng_state()), *cuda]
+
+
+def _set_rng_state(states: List[Tuple[Optional[torch.device], Tensor]]) -> None:
+    for device, state in states:
+        if device is None:
+            torch.set_rng_state(state)
+        else:
+            torch.cuda.set_rng_state(state, device)
+
+
+def check_checkpoint(route: str) -> None:
+    """Raise where activation checkpointing cannot run: under torch.func transforms or compile."""
+    if route in ("autograd", "vmap"):
+        return
+    if torch.compiler.is_compiling():
+        what = "torch.compile"
+    else:
+        what = "a torch.func transform (grad, vjp, jacrev, jvp, or a vmap nested in another)"
+    raise RuntimeError(
+        f"fparams.adapt: checkpoint=True cannot run under {what}: activation checkpointing "
+        f"works through autograd's saved-tensor hooks, which torch.func's grad transforms and "
+        f"torch.compile do not support. Take the meta-gradient with .backward() or "
+        f"fparams.meta_value_and_grad (eager; both use plain autograd), under at most one "
+        f"vmap (fparams.map_tasks), or pass checkpoint=False."
+    )
+
+
+def checkpointed_step(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]]) -> Any:
+    """``body(carry, ctx, buffers)``, with its saved tensors recomputed in the backward pass."""
+    if grad_route() == "vmap":
+        return _under_vmap(body, carry, ctx, buffers)
+    return _Region(body, (carry, ctx), buffers).run(buffers)
+
+
+def _under_vmap(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]]) -> Any:
+    # Checkpoint on the physical tensors beneath the active vmap level; the
+    # step runs in a vmap of its own, which exists again at recomputation.
+    interp: Any = _pyft.retrieve_current_functorch_interpreter()
+    level, randomness = interp.level(), interp.randomness()
+    flat, spec = pytree.tree_flatten((carry, ctx, buffers))
+    with _pyft.temporarily_pop_interpreter_stack():
+        physical: List[Any] = []
+        dims: List[Optional[int]] = []
+        for leaf in flat:
+            if isinstance(leaf, Tensor) and _batched(leaf, level):
+                value, dim = _ft._unwrap_batched(leaf, level)
+                physical.append(value)
+                dims.append(int(dim))
+            else:
+                physical.append(leaf)
+                dims.append(None)
+        in_dims = pytree.tree_unflatten(dims, spec)
+        out_spec: List[Any] = []
+
+        def flat_body(everything: Any) -> List[Tensor]:
+            # vmap returns tensors only: the rest (None for no optimizer state) rides along
+            leaves, tree = pytree.tree_flatten(body(*everything))
+            out_spec[:] = [tree, [None if isinstance(x, Tensor) else (x,) for x in leaves]]
+            return [x for x in leaves if isinstance(x, Tensor)]
+
+        mapped = torch.func.vmap(flat_body, in_dims=(in_dims,), randomness=randomness)
+
+        def run(leaves: List[Any], state: Any) -> Any:
+            c, x, _ = pytree.tree_unflatten(leaves, spec)
+            return mapped((c, x, state))
+
+        # the physical buffers, with their tasks on dim 0 like everything here
+        state = pytree.tree_unflatten(physical, spec)[2]
+        out = _Region(run, (physical,), state).run(state)
+    tree, kept = out_spec
+    tensors = iter(out)
+    leaves = [_ft._add_batch_dim(next(tensors), 0, level) if k is None else k[0] for k in kept]
+    return pytree.tree_unflatten(leaves, tree)

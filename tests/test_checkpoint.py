@@ -1,0 +1,216 @@
+"""fparams.adapt(checkpoint=True): the same meta-gradient as the unrolled loop, with less kept.
+
+Every case computes one meta-gradient twice, with and without checkpointing,
+and against the hand-written inner loop (``ref_adapt``) where one applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import fparams
+from tests.helpers import assert_dicts_close, grads_wrt, leaves, loss_fn, ref_adapt, task_data
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+TASKS = 3
+
+
+def _mlp(seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    arch, params, _ = fparams.split(net)
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(arch(p, x), y)
+
+    return mse, leaves(params)
+
+
+def _task_fn(mse: Callable[..., Tensor], checkpoint: bool, **kw: Any) -> Callable[..., Tensor]:
+    def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        fast = fparams.adapt(mse, p, xs, ys, steps=3, checkpoint=checkpoint, **kw)
+        return mse(fast, xq, yq)
+
+    return task
+
+
+def _meta_grads(
+    strategy: str, checkpoint: bool, params: Dict[str, Tensor], mse: Any, **kw: Any
+) -> Dict[str, Tensor]:
+    data = task_data(TASKS, shots=5, outputs=2, seed=1)
+    opts = {"chunk_size": 2} if strategy == "chunked" else {}
+    losses = fparams.map_tasks(_task_fn(mse, checkpoint, **kw), strategy=strategy, **opts)(params, *data)
+    return grads_wrt(losses.sum(), params)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop", "chunked"])
+def test_every_strategy_matches_the_unrolled_loop_and_the_reference(strategy: str) -> None:
+    mse, params = _mlp()
+    plain = _meta_grads(strategy, False, params, mse, lr=0.3)
+    ckpt = _meta_grads(strategy, True, params, mse, lr=0.3)
+    assert_dicts_close(ckpt, plain, **TOL)
+    xs, ys, xq, yq = task_data(TASKS, shots=5, outputs=2, seed=1)
+    ref = sum(mse(ref_adapt(mse, params, xs[i], ys[i], lr=0.3, steps=3), xq[i], yq[i]) for i in range(TASKS))
+    assert_dicts_close(ckpt, grads_wrt(ref, params), **TOL)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"lr": 0.2, "first_order": True},
+        {"lr": 0.2, "filter": "2.*"},
+        {"lr": "optim"},
+        {"lr": "metasgd"},
+    ],
+    ids=["first_order", "filter", "adam", "metasgd"],
+)
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_options_give_the_same_meta_gradient(kw: Dict[str, Any], strategy: str) -> None:
+    mse, params = _mlp(1)
+    kw = dict(kw)
+    if kw["lr"] == "optim":
+        kw["lr"] = fparams.optim.adam(0.05)
+    elif kw["lr"] == "metasgd":
+        kw["lr"] = {k: torch.full_like(p, 0.1).requires_grad_() for k, p in params.items()}
+    both = {**params, **(kw["lr"] if isinstance(kw["lr"], dict) else {})}
+    plain = _grads_of_both(strategy, False, params, both, mse, kw)
+    ckpt = _grads_of_both(strategy, True, params, both, mse, kw)
+    assert_dicts_close(ckpt, plain, **TOL)
+    if "lr" in kw and isinstance(kw["lr"], dict):  # the learned rates receive meta-gradients
+        assert all(ckpt[k].abs().sum() > 0 for k in kw["lr"])
+
+
+def _grads_of_both(
+    strategy: str,
+    checkpoint: bool,
+    params: Dict[str, Tensor],
+    both: Dict[str, Tensor],
+    mse: Any,
+    kw: Dict[str, Any],
+) -> Dict[str, Tensor]:
+    data = task_data(TASKS, shots=5, outputs=2, seed=2)
+    losses = fparams.map_tasks(_task_fn(mse, checkpoint, **kw), strategy=strategy)(params, *data)
+    return grads_wrt(losses.sum(), both)
+
+
+def test_a_learned_scalar_rate_gets_the_same_meta_gradient() -> None:
+    mse, params = _mlp(2)
+    lr = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+    xs, ys, xq, yq = (t[0] for t in task_data(1, outputs=2, seed=3))
+    found = []
+    for checkpoint in (False, True):
+        fast = fparams.adapt(mse, params, xs, ys, lr=lr, steps=4, checkpoint=checkpoint)
+        found.append(grads_wrt(mse(fast, xq, yq), {"lr": lr, **params}))
+    assert_dicts_close(found[1], found[0], **TOL)
+
+
+def test_meta_value_and_grad_with_checkpointed_inner_loops() -> None:
+    mse, params = _mlp(3)
+    data = task_data(4, shots=5, outputs=2, seed=4)
+    results = [
+        fparams.meta_value_and_grad(_task_fn(mse, checkpoint, lr=0.3), strategy=strategy)(
+            fparams.detach(params), *data
+        )
+        for checkpoint in (False, True)
+        for strategy in ("vmap", "loop")
+    ]
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], **TOL)
+        assert_dicts_close(grads, results[0][1], **TOL)
+
+
+class _BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.bn, self.l2 = nn.Linear(3, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.l2(torch.tanh(self.bn(self.l1(x))))
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_buffers_are_updated_once_per_step_and_the_gradient_is_the_same(strategy: str) -> None:
+    torch.manual_seed(0)
+    arch, params, buffers = fparams.split(_BNNet().double())
+    params = leaves(params)
+    data = task_data(TASKS, shots=6, outputs=2, seed=5)
+
+    def task(checkpoint: bool) -> Callable[..., Any]:
+        def run(p: Dict[str, Tensor], b: Dict[str, Tensor], *data: Tensor) -> Any:
+            xs, ys, xq, yq = data
+
+            def mse(q: Dict[str, Tensor], x: Tensor, y: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
+                return loss_fn(arch(q, x, buffers=buffers), y)
+
+            fast = fparams.adapt(mse, p, xs, ys, lr=0.2, steps=3, buffers=b, checkpoint=checkpoint)
+            return mse(fast, xq, yq, b), b
+
+        return run
+
+    found = []
+    for checkpoint in (False, True):
+        stacked = fparams.stack_tasks(buffers, TASKS)
+        losses, new_buffers = fparams.map_tasks(task(checkpoint), strategy=strategy)(params, stacked, *data)
+        grads = grads_wrt(losses.sum(), params)  # the recomputation runs here
+        found.append((grads, {k: v.detach().clone() for k, v in new_buffers.items()}))
+    assert_dicts_close(found[1][0], found[0][0], **TOL)
+    assert_dicts_close(found[1][1], found[0][1], **TOL)
+    assert int(found[1][1]["bn.num_batches_tracked"][0]) == 4  # 3 inner steps and the query
+
+
+def test_dropout_replays_the_same_draws_when_recomputed() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 2)).double()
+    arch, params, _ = fparams.split(net)
+    params = leaves(params)
+    data = task_data(TASKS, shots=5, outputs=2, seed=6)
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss_fn(arch(p, x), y)
+
+    found = []
+    for checkpoint in (False, True):
+        torch.manual_seed(7)
+        mapped = fparams.map_tasks(_task_fn(mse, checkpoint, lr=0.2), strategy="loop")
+        found.append(grads_wrt(mapped(params, *data).sum(), params))
+    assert_dicts_close(found[1], found[0], **TOL)
+
+
+def test_gradcheck_through_checkpointed_steps() -> None:
+    mse, params = _mlp(4)
+    xs, ys, xq, yq = (t[0] for t in task_data(1, shots=4, outputs=2, seed=8))
+    names = list(params)
+
+    def objective(*values: Tensor) -> Tensor:
+        p = dict(zip(names, values))
+        return mse(fparams.adapt(mse, p, xs, ys, lr=0.3, steps=2, checkpoint=True), xq, yq)
+
+    assert torch.autograd.gradcheck(objective, tuple(params.values()))
+    assert torch.autograd.gradgradcheck(objective, tuple(params.values()))
+
+
+def test_without_a_graph_to_keep_it_changes_nothing() -> None:
+    mse, params = _mlp(5)
+    xs, ys = (t[0] for t in task_data(1, outputs=2, seed=9)[:2])
+    with torch.no_grad():
+        plain = fparams.adapt(mse, params, xs, ys, lr=0.3, steps=2)
+        ckpt = fparams.adapt(mse, params, xs, ys, lr=0.3, steps=2, checkpoint=True)
+    assert_dicts_close(ckpt, plain, **TOL)
+
+
+def test_under_an_outer_torch_func_grad_it_raises_and_says_what_works() -> None:
+    mse, params = _mlp(6)
+    xs, ys, xq, yq = (t[0] for t in task_data(1, outputs=2, seed=10))
+
+    def objective(p: Dict[str, Tensor]) -> Tensor:
+        return mse(fparams.adapt(mse, p, xs, ys, lr=0.3, checkpoint=True), xq, yq)
+
+    message = r"fparams.adapt: checkpoint=True cannot run under a torch.func transform"
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.grad(objective)(fparams.detach(params))
+    with pytest.raises(RuntimeError, match=r"meta_value_and_grad"):
+        torch.func.grad(objective)(fparams.detach(params))
