@@ -21,6 +21,16 @@ Two tables:
   :func:`fparams.meta_value_and_grad` on detached params (README's pure
   style), each with every strategy (``chunked`` with ``chunk_size=4``).
 
+On Linux, glibc's allocator raises its mmap threshold (up to 32 MiB) each
+time it frees a large block, so after the first step most activations come
+from its heap, and memory freed there often stays resident: RSS then
+overstates what a step holds at once, the more so the more a path frees and
+reallocates (checkpointing does so at every step). ``--fixed-mmap`` runs every
+row with ``MALLOC_MMAP_THRESHOLD_=65536``, which fixes the threshold: large
+blocks then go back to the system when freed, and RSS follows the live
+tensors. Both are worth reading; the second is what a caching GPU allocator's
+peak (``torch.cuda.max_memory_allocated``) tracks.
+
 Every row also prints the squared norm of its meta-gradient, so rows that
 must agree can be compared (float32: rounding differs between paths).
 
@@ -57,6 +67,9 @@ TASK_PATHS = tuple(
 )
 CHUNK = 4
 LR = 0.4
+#: ``--fixed-mmap``: glibc serves allocations of at least this many bytes with
+#: their own mmap, and returns them to the system when they are freed.
+MMAP_THRESHOLD = 1 << 16
 
 
 class Row(NamedTuple):
@@ -144,13 +157,17 @@ def run_row(path: str, steps: int, tasks: int, quick: bool) -> Row:
     return Row(path, steps, tasks, _vm_hwm_mib() - before, seconds, grad_sq)
 
 
-def _in_fresh_interpreter(path: str, steps: int, tasks: int, quick: bool) -> Row:
+def _in_fresh_interpreter(path: str, steps: int, tasks: int, quick: bool, fixed_mmap: bool) -> Row:
     spec = json.dumps({"path": path, "steps": steps, "tasks": tasks, "quick": quick})
+    env = dict(os.environ)
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--row", spec],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     ).stdout
     return Row(**json.loads(out.strip().splitlines()[-1]))
 
@@ -178,6 +195,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Row]]:
     parser.add_argument("--tasks", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--paths", nargs="+", default=None, help="only these paths (names as printed)")
     parser.add_argument("--quick", action="store_true", help="a tiny net: a smoke run")
+    parser.add_argument(
+        "--fixed-mmap",
+        action="store_true",
+        help=f"run each row with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (see the module docstring)",
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row:
@@ -190,7 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Row]]:
     results: Dict[str, List[Row]] = {}
     if args.table in ("steps", "all"):
         rows = [
-            _in_fresh_interpreter(p, k, 1, args.quick)
+            _in_fresh_interpreter(p, k, 1, args.quick, args.fixed_mmap)
             for k in args.steps
             for p in STEP_PATHS
             if wanted is None or p in wanted
@@ -202,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Row]]:
         print()
     if args.table in ("tasks", "all"):
         rows = [
-            _in_fresh_interpreter(p, 5 if not args.quick else 1, t, args.quick)
+            _in_fresh_interpreter(p, 5 if not args.quick else 1, t, args.quick, args.fixed_mmap)
             for t in args.tasks
             for p in TASK_PATHS
             if wanted is None or p in wanted

@@ -55,7 +55,9 @@ class _Saved:
     __slots__ = ("tensor", "shape", "dtype", "__weakref__")
 
     def __init__(self, tensor: Tensor) -> None:
-        self.tensor: Optional[Tensor] = tensor
+        # Detached: autograd puts the graph metadata back when it unpacks, and a
+        # recomputed tensor must not keep the recomputation's graph alive.
+        self.tensor: Optional[Tensor] = tensor.detach() if tensor.requires_grad else tensor
         self.shape, self.dtype = tensor.shape, tensor.dtype
 
 
@@ -114,7 +116,7 @@ class _Region:
                         f"saved a {tuple(tensor.shape)} {tensor.dtype} tensor where its first run "
                         f"saved a {tuple(saved.shape)} {saved.dtype} one"
                     )
-                saved.tensor = tensor
+                saved.tensor = tensor.detach() if tensor.requires_grad else tensor
             return _Saved(tensor)  # the recomputation's own graph needs it too
 
         buffers = None if self.buffers is None else {k: t.clone() for k, t in self.buffers.items()}

@@ -220,6 +220,9 @@ class exact_norms(TorchFunctionMode):
         self._stateful = (F.batch_norm, F.instance_norm)
         self._task: Optional[int] = None
         self._depth = 0  # nesting of ``with self`` (re-entered by :meth:`around`)
+        #: Has a normalization run under this mode? A loop over tasks leaves the
+        #: mode (and its per-op cost) once a task has run none.
+        self.used = False
         # data_ptr -> (tensor, value before its first update, task that updated it)
         self._journal: Dict[int, Tuple[Tensor, Tensor, int]] = {}
 
@@ -365,6 +368,7 @@ class exact_norms(TorchFunctionMode):
     ) -> Any:
         impl = self._impls.get(func)
         if impl is not None:
+            self.used = True
             if func in self._stateful or self.always or vmap_active():
                 return impl(*args, **(kwargs or {}))
             return func(*args, **(kwargs or {}))  # no vmap: torch's kernel is exact

@@ -168,8 +168,7 @@ def map_tasks(
         chosen = _resolve(strategy, chunk_size, randomness, task_batches, n)
         norms = exact_norms(batch_stats)
         if chosen == "loop":
-            with norms:
-                return _loop(fn, params, task_batches, n, norms)
+            return _loop(fn, params, task_batches, n, norms)
         # The mode is entered inside the mapped function: vmap's own handling
         # of the inputs and outputs then does not pass through it.
         mapped = torch.func.vmap(
@@ -201,11 +200,26 @@ def _task(batches: Sequence[Any], i: int) -> List[Any]:
 
 
 def _loop(fn: Callable[..., Any], params: Any, batches: Sequence[Any], n: int, mode: exact_norms) -> Any:
-    def task(i: int) -> Any:
-        mode.begin_task(i)  # running statistics updated by two tasks are shared: an error
-        return fn(params, *_task(batches, i))
+    return _stack(_each_task(mode, lambda i: fn(params, *_task(batches, i)), n))
 
-    return _stack([task(i) for i in range(n)])
+
+def _each_task(mode: exact_norms, run: Callable[[int], Any], n: int) -> List[Any]:
+    """``run(i)`` for each task in turn, under ``mode`` while it has work to do.
+
+    The mode watches running statistics across tasks (two tasks updating one
+    tensor is an error, as under vmap). It costs a Python call per torch op,
+    so once a task has run no normalization, the rest run without the mode.
+    """
+    outputs: List[Any] = []
+    rest = iter(range(n))
+    with mode:
+        for i in rest:
+            mode.begin_task(i)  # running statistics updated by two tasks are shared: an error
+            outputs.append(run(i))
+            if not mode.used:
+                break
+    outputs.extend(run(i) for i in rest)
+    return outputs
 
 
 def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
@@ -355,8 +369,8 @@ class _Options(NamedTuple):
 
 
 def _chunks(chosen: str, n: int, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
-    """The task ranges whose gradients are taken one after the other."""
-    size = {"loop": 1, "vmap": n}.get(chosen, chunk_size or n)
+    """The task ranges, mapped by vmap, whose gradients are taken one after the other."""
+    size = chunk_size if chosen == "chunked" and chunk_size is not None else n
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
@@ -384,22 +398,30 @@ def _by_chunks(
     values: List[Tensor] = []
     auxes: List[Any] = []
     norms = exact_norms(options.batch_stats)
-    with torch.enable_grad(), norms:
+
+    def chunk(a: int, b: int) -> None:
+        nonlocal keep, check, total
+        out = _run_chunk(task_fn, chosen, params, task_batches, a, b, norms, options.randomness)
+        losses, aux = _losses_and_aux(out, has_aux)
+        loss = losses.sum() / n
+        if check and loss.requires_grad:
+            keep, check = _reaches_other_leaves(loss, inputs), False
+        found: Sequence[Optional[Tensor]] = (None,) * len(inputs)
+        if loss.requires_grad:
+            found = torch.autograd.grad(loss, inputs, create_graph=keep, allow_unused=True)
+        total = [g if t is None else t if g is None else t + g for t, g in zip(total, found)]
+        values.append(loss if keep else loss.detach())
+        if has_aux:
+            auxes.append(aux if keep else _detached(aux))
+
+    with torch.enable_grad():
         inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in flat]
         params = pytree.tree_unflatten(inputs, spec)
-        for a, b in _chunks(chosen, n, options.chunk_size):
-            out = _run_chunk(task_fn, chosen, params, task_batches, a, b, norms, options.randomness)
-            losses, aux = _losses_and_aux(out, has_aux)
-            loss = losses.sum() / n
-            if check and loss.requires_grad:
-                keep, check = _reaches_other_leaves(loss, inputs), False
-            found: Sequence[Optional[Tensor]] = (None,) * len(inputs)
-            if loss.requires_grad:
-                found = torch.autograd.grad(loss, inputs, create_graph=keep, allow_unused=True)
-            total = [g if t is None else t if g is None else t + g for t, g in zip(total, found)]
-            values.append(loss if keep else loss.detach())
-            if has_aux:
-                auxes.append(aux if keep else _detached(aux))
+        if chosen == "loop":
+            _each_task(norms, lambda i: chunk(i, i + 1), n)
+        else:
+            for a, b in _chunks(chosen, n, options.chunk_size):
+                chunk(a, b)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(flat, total)]
     value = values[0] if len(values) == 1 else torch.stack(values).sum()
     result = (value, _cat(auxes)) if has_aux else value
@@ -417,15 +439,13 @@ def _run_chunk(
     randomness: str,
 ) -> Any:
     """The outputs of tasks ``a:b``, stacked, as :func:`map_tasks` computes them."""
-    if chosen == "loop":  # one task; ``norms`` is entered around the whole loop
-        norms.begin_task(a)
+    if chosen == "loop":  # one task, under ``norms`` while :func:`_each_task` keeps it
         return pytree.tree_map(lambda t: t.unsqueeze(0), task_fn(params, *_task(batches, a)))
     chunk = [pytree.tree_map(lambda t: t[a:b] if isinstance(t, Tensor) else t, x) for x in batches]
-    with norms.suspended():  # entered again inside the mapped function, as map_tasks does
-        mapped = torch.func.vmap(
-            norms.around(task_fn), in_dims=(None,) + (0,) * len(chunk), randomness=randomness
-        )
-        return mapped(params, *chunk)
+    # the mode is entered inside the mapped function, as map_tasks does
+    dims = (None,) + (0,) * len(chunk)
+    mapped = torch.func.vmap(norms.around(task_fn), in_dims=dims, randomness=randomness)
+    return mapped(params, *chunk)
 
 
 def _reaches_other_leaves(loss: Tensor, inputs: Sequence[Tensor]) -> bool:
