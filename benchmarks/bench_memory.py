@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -162,14 +163,17 @@ def _in_fresh_interpreter(path: str, steps: int, tasks: int, quick: bool, fixed_
     env = dict(os.environ)
     if fixed_mmap:
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    out = subprocess.run(
+    done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--row", spec],
-        check=True,
         capture_output=True,
         text=True,
         env=env,
-    ).stdout
-    return Row(**json.loads(out.strip().splitlines()[-1]))
+    )
+    if done.returncode != 0:  # e.g. killed for want of memory: the table says so and goes on
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        print(f"bench_memory: row {path!r} K={steps} T={tasks} failed: {last}", file=sys.stderr)
+        return Row(path, steps, tasks, math.nan, math.nan, math.nan)
+    return Row(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def format_rows(title: str, rows: Sequence[Row], by: str, base: Dict[Any, Row]) -> str:
