@@ -113,6 +113,13 @@ def map_tasks(
     Normalization layers run under :class:`fparams.exact_norms`, so their
     meta-gradients are exact with every strategy.
 
+    Memory: ``.backward()`` on the stacked outputs keeps every task's graph
+    until it runs, whatever the strategy (``"chunked"`` bounds the memory of
+    the forward computation, not of the graph). To hold one task's or one
+    chunk's graph at a time, use :func:`fparams.meta_value_and_grad`; to keep
+    one inner step's activations at a time, ``fparams.adapt(...,
+    checkpoint=True)``.
+
     Args:
         fn: ``fn(params, *task) -> output`` for one task.
         strategy: ``"vmap"`` (one vectorised call), ``"loop"`` (one call per
@@ -284,6 +291,21 @@ def meta_value_and_grad(
     where compilation fails; where the strategy is the loop, one task's step
     is compiled once and called for every task (the gradient of the mean loss
     is the mean of the per-task gradients), rather than one graph per task.
+
+    Memory: in eager code each chunk's gradient is taken, and its graph
+    freed, before the next chunk runs: one task at a time with the loop
+    strategy (what ``"auto"`` picks for large tasks), ``chunk_size`` tasks
+    with ``"chunked"``, all tasks at once with ``"vmap"``. Peak memory is then
+    that of one chunk, not of the meta-batch, and the gradient is the same
+    (the mean loss is a sum over chunks). That holds where the results need
+    no graph: pass detached params (``fparams.detach(params)``). Params that
+    require grad ask for a meta-gradient that is itself differentiable, as
+    ``torch.func.grad`` gives it, so every chunk's graph is kept. With
+    ``.backward()`` on :func:`map_tasks`' output, by contrast, every task's
+    graph lives until the backward pass, whatever the strategy. The inner
+    loops' own memory is bounded by ``fparams.adapt(..., checkpoint=True)``.
+    Under a ``torch.func`` transform or ``torch.compile`` the step is
+    ``torch.func.grad_and_value`` of the mean loss over all tasks.
 
     Example:
         >>> import torch, fparams
