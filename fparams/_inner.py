@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import Tensor
 
-from ._grads import grad_route, inner_grad
+from ._grads import grad_route, inner_grad, inner_grad_with_aux
 from ._norms import innermost_exact_norms
 from ._transforms import check_rate_shapes, partition
 from ._types import LR, Filter, Params, TensorDict
@@ -42,16 +42,48 @@ def check_rates(
     return dict.fromkeys(names, lr)
 
 
+@overload
 def adapt(
-    loss_fn: Callable[..., Tensor],
+    loss_fn: Callable[..., Any],
     params: TensorDict,
     *args: Any,
-    lr: LR,
+    lr: Union[LR, Sequence[LR]],
+    steps: int = ...,
+    first_order: bool = ...,
+    filter: Optional[Filter] = ...,
+    buffers: Optional[TensorDict] = ...,
+    has_aux: Literal[False] = ...,
+    return_state: Literal[False] = ...,
+) -> Params: ...
+
+
+@overload
+def adapt(
+    loss_fn: Callable[..., Any],
+    params: TensorDict,
+    *args: Any,
+    lr: Union[LR, Sequence[LR]],
+    steps: int = ...,
+    first_order: bool = ...,
+    filter: Optional[Filter] = ...,
+    buffers: Optional[TensorDict] = ...,
+    has_aux: bool = ...,
+    return_state: bool = ...,
+) -> Any: ...
+
+
+def adapt(
+    loss_fn: Callable[..., Any],
+    params: TensorDict,
+    *args: Any,
+    lr: Union[LR, Sequence[LR]],
     steps: int = 1,
     first_order: bool = False,
     filter: Optional[Filter] = None,
     buffers: Optional[TensorDict] = None,
-) -> Params:
+    has_aux: bool = False,
+    return_state: bool = False,
+) -> Any:
     """Take ``steps`` differentiable gradient steps on ``loss_fn(params, *args)``.
 
     It runs under ``torch.func.vmap`` (one adaptation per task, see
@@ -65,12 +97,16 @@ def adapt(
     step, as a hand-written inner loop does.
 
     Args:
-        loss_fn: ``loss_fn(params, *args) -> scalar tensor``.
+        loss_fn: ``loss_fn(params, *args) -> scalar tensor`` (with
+            ``has_aux=True``, ``-> (scalar tensor, aux)``).
         params: the starting parameters (a dict, e.g. from :func:`fparams.split`).
         *args: passed to ``loss_fn`` at every step (the support set).
         lr: a number, a tensor (a learned rate), a dict with one tensor per
             adapted parameter (Meta-SGD), or an ``fparams.optim`` optimizer
-            such as ``fparams.optim.adam(1e-2)``.
+            such as ``fparams.optim.adam(1e-2)``. A list or tuple with one
+            such rate (not an optimizer) per step gives per-step rates
+            (MAML++): step ``i`` uses ``lr[i]``, and learned entries get
+            meta-gradients; its length must be ``steps``.
         steps: number of inner steps.
         first_order: stop gradients through the inner gradients (FOMAML).
         filter: which parameters adapt (e.g. ``"head.*"`` for ANIL); the rest
@@ -80,9 +116,18 @@ def adapt(
             call as ``loss_fn(params, *args, buffers=buffers)``; under
             ``torch.func.grad`` it is an input of each gradient call, which is
             what lets a layer update it there (a captured tensor cannot be).
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of the last
+            inner step (computed at the parameters before that step's
+            update, e.g. support-set predictions or accuracy) is returned
+            too, or ``None`` where ``steps=0``.
+        return_state: also return the inner optimizer's state after the last
+            step (``lr`` must be an ``fparams.optim`` optimizer); it covers
+            the adapted parameters (those ``filter`` selects).
 
     Returns:
-        A new dict with every name of ``params``.
+        A new dict with every name of ``params``; with ``has_aux`` and/or
+        ``return_state``, a tuple in that order: ``(params, aux)``,
+        ``(params, state)`` or ``(params, aux, state)``.
 
     Example:
         >>> import torch, fparams
@@ -92,6 +137,12 @@ def adapt(
         >>> fast = fparams.adapt(mse, params, x, y, lr=0.1, steps=3)
         >>> bool(mse(fast, x, y) < mse(params, x, y))
         True
+        >>> def mse_aux(p, x, y):
+        ...     out = arch(p, x)
+        ...     return (out - y).pow(2).mean(), out.detach()
+        >>> fast, preds = fparams.adapt(mse_aux, params, x, y, lr=[0.1, 0.05], steps=2, has_aux=True)
+        >>> preds.shape
+        torch.Size([8, 1])
     """
     where = "fparams.adapt"
     if not isinstance(params, Mapping):
@@ -101,6 +152,12 @@ def adapt(
     trainable, frozen = partition(params, filter) if filter is not None else (dict(params), {})
     if not trainable:
         raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")
+    if return_state and not is_optimizer(lr):
+        raise ValueError(
+            f"{where}: return_state=True needs `lr` to be an fparams.optim optimizer (e.g. "
+            f"fparams.optim.adam(1e-2)); got {type(lr).__name__}, whose plain gradient steps keep no state."
+        )
+    schedule = _per_step_rates(where, lr, steps, trainable, params) if _is_schedule(lr) else None  # type: ignore[arg-type]
 
     # The route depends only on the transforms active now: chosen once, not per step.
     route = grad_route()
@@ -116,23 +173,86 @@ def adapt(
         def inner(fast: Params, *a: Any) -> Tensor:
             return loss_fn({**fast, **frozen}, *a)
 
-        grad_fn = inner_grad(inner, route, create_graph)
+        grad_fn = _inner_grad(inner, route, create_graph, has_aux)
     else:
 
         def inner_b(fast: Params, b: TensorDict, *a: Any) -> Tensor:
             return loss_fn({**fast, **frozen}, *a, buffers=b)
 
-        grad_fn = functools.partial(_with_buffers, inner_grad(inner_b, route, create_graph), buffers)
+        grad_b = _inner_grad(inner_b, route, create_graph, has_aux)
+        grad_fn = functools.partial(_with_buffers, grad_b, buffers)
     grad_fn = functools.partial(_explained, grad_fn)
+    auxes: List[Any] = [None]  # the last step's aux (has_aux)
+    if has_aux:
+        grad_fn = functools.partial(_keep_aux, grad_fn, auxes)
+    state = None
     with norms.suspended() if norms is not None else contextlib.nullcontext():
         if is_optimizer(lr):
-            trainable = _optimizer_steps(grad_fn, lr, trainable, args, steps, first_order)
+            trainable, state = _optimizer_steps(grad_fn, lr, trainable, args, steps, first_order)
+        elif schedule is not None:
+            trainable = _scheduled_sgd_steps(grad_fn, schedule, trainable, args, first_order)
         else:
             rates = check_rates(where, lr, trainable, params)
             check_rate_shapes(where, rates, trainable)
             trainable = _sgd_steps(grad_fn, rates, trainable, args, steps, first_order)
     # the caller's key order, so that zipping names with values stays safe
-    return {k: trainable[k] if k in trainable else frozen[k] for k in params}
+    fast = {k: trainable[k] if k in trainable else frozen[k] for k in params}
+    if not (has_aux or return_state):
+        return fast
+    return (fast,) + ((auxes[-1],) if has_aux else ()) + ((state,) if return_state else ())
+
+
+def _inner_grad(fn: Callable[..., Any], route: str, create_graph: bool, has_aux: bool) -> Callable[..., Any]:
+    return inner_grad_with_aux(fn, route, create_graph) if has_aux else inner_grad(fn, route, create_graph)
+
+
+def _keep_aux(
+    grad_fn: Callable[..., Any], auxes: List[Any], fast: Params, *a: Any, owned: bool = False
+) -> Params:
+    # has_aux: the steps see only the gradients; the aux of the latest step is kept aside.
+    grads: Params
+    grads, auxes[-1] = grad_fn(fast, *a, owned=owned)
+    return grads
+
+
+def _is_schedule(lr: Any) -> bool:
+    # a GradientTransformation is a NamedTuple: a tuple, but one optimizer
+    return isinstance(lr, (list, tuple)) and not is_optimizer(lr)
+
+
+def _per_step_rates(
+    where: str, lr: Sequence[Any], steps: int, names: Mapping[str, object], all_names: Mapping[str, object]
+) -> List[Dict[str, Any]]:
+    """Per-step learning rates (MAML++): one checked rate dict per step."""
+    if len(lr) != steps:
+        raise ValueError(
+            f"{where}: `lr` is a sequence of {len(lr)} per-step rates but steps={steps}; give one "
+            f"rate per inner step, or a single rate for all of them."
+        )
+    schedule = []
+    for i, entry in enumerate(lr):
+        if is_optimizer(entry):
+            raise TypeError(
+                f"{where}: `lr[{i}]` is an optimizer; per-step rates are numbers, tensors or dicts "
+                f"of tensors. Pass a single fparams.optim optimizer as `lr` instead."
+            )
+        rates = check_rates(f"{where}: `lr[{i}]`", entry, names, all_names)
+        check_rate_shapes(f"{where}: `lr[{i}]`", rates, names)  # type: ignore[arg-type]
+        schedule.append(rates)
+    return schedule
+
+
+def _scheduled_sgd_steps(
+    grad_fn: Callable[..., Params],
+    schedule: List[Dict[str, Any]],
+    trainable: Params,
+    args: Tuple[Any, ...],
+    first_order: bool,
+) -> Params:
+    # One plain step per entry of the schedule, each with its own rates.
+    for rates in schedule:
+        trainable = _sgd_steps(grad_fn, rates, trainable, args, 1, first_order)
+    return trainable
 
 
 def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: bool = False) -> Params:
@@ -192,7 +312,7 @@ def _optimizer_steps(
     args: Tuple[Any, ...],
     steps: int,
     first_order: bool,
-) -> Params:
+) -> Tuple[Params, Any]:
     state = opt.init(trainable)
     for i in range(steps):
         grads = grad_fn(trainable, *args, owned=i > 0)
@@ -200,4 +320,4 @@ def _optimizer_steps(
             grads = {k: g.detach() for k, g in grads.items()}
         updates, state = opt.update(grads, state, trainable)
         trainable = {k: p + updates[k] for k, p in trainable.items()}
-    return trainable
+    return trainable, state
