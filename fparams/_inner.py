@@ -36,8 +36,8 @@ def check_rates(
         return {k: lr[k] for k in names}
     if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor)):
         raise TypeError(
-            f"{where}: `lr` must be a number, a tensor, a dict of tensors or an fparams.optim "
-            f"optimizer; got {type(lr).__name__}."
+            f"{where}: `lr` must be a number, a tensor, a dict of tensors, a list of per-step rates "
+            f"or an fparams.optim optimizer; got {type(lr).__name__}."
         )
     return dict.fromkeys(names, lr)
 
