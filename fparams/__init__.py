@@ -17,8 +17,12 @@ from ._maml import MAML, MetaSGD
 from ._module_api import (
     clone_distribution,
     clone_module,
+    clone_named_parameters,
+    clone_parameters,
     detach_distribution,
     detach_module,
+    maml_update,
+    meta_sgd_update,
     update_module,
 )
 from ._norms import exact_norms
@@ -53,6 +57,8 @@ __all__ = [
     "clone",
     "clone_distribution",
     "clone_module",
+    "clone_named_parameters",
+    "clone_parameters",
     "combine",
     "compile",
     "detach",
@@ -60,8 +66,10 @@ __all__ = [
     "detach_module",
     "exact_norms",
     "magic_box",
+    "maml_update",
     "map_params",
     "map_tasks",
+    "meta_sgd_update",
     "meta_value_and_grad",
     "partition",
     "sgd_step",
