@@ -26,7 +26,7 @@ from ._module_api import (
     update_module,
 )
 from ._norms import exact_norms
-from ._tasks import map_tasks, meta_value_and_grad, stack_tasks
+from ._tasks import VmapFallbackWarning, map_tasks, meta_value_and_grad, pad_tasks, stack_tasks
 from ._transforms import (
     apply_updates,
     clone,
@@ -51,6 +51,7 @@ __all__ = [
     "Grads",
     "Params",
     "Updates",
+    "VmapFallbackWarning",
     "__version__",
     "adapt",
     "apply_updates",
@@ -71,6 +72,7 @@ __all__ = [
     "map_tasks",
     "meta_sgd_update",
     "meta_value_and_grad",
+    "pad_tasks",
     "partition",
     "sgd_step",
     "split",
