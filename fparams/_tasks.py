@@ -281,6 +281,8 @@ def _unbatchable_op(err: BaseException) -> Optional[str]:
         return ".item() or data-dependent control flow"
     if "batching operators that can output dynamic shape" in text:
         return "an op whose output shape depends on the data"
+    if "doesn't match the broadcast shape" in text:  # e.g. a fused RNN kernel's decomposition under grad
+        return "an in-place op whose output has no task dimension"
     return None
 
 

@@ -107,6 +107,15 @@ def test_auto_falls_back_to_the_loop_once_with_a_warning() -> None:
         fparams.meta_value_and_grad(task)(params, *data)
 
 
+def test_fallback_under_an_outer_torch_func_grad() -> None:
+    arch, params = _renamed_gru()
+    task, data = _maml(arch), _seq_data()
+    with pytest.warns(fparams.VmapFallbackWarning):
+        got = torch.func.grad(lambda p: fparams.map_tasks(task)(p, *data).sum())(params)
+    want = torch.func.grad(lambda p: fparams.map_tasks(task, strategy="loop")(p, *data).sum())(params)
+    assert_dicts_close(got, want, **TOL)
+
+
 def test_explicit_vmap_names_the_op_and_the_loop() -> None:
     arch, params = _renamed_gru()
     for strategy, kw in (("vmap", {}), ("chunked", {"chunk_size": 2})):
