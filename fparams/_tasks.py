@@ -222,6 +222,13 @@ class VmapFallbackWarning(UserWarning):
 
     Warned once per function; later calls go straight to the loop. Pass
     ``strategy="loop"`` to choose the loop yourself (and silence it).
+
+    Example:
+        >>> import warnings, fparams
+        >>> with warnings.catch_warnings():  # where a silent loop would be too slow: an error
+        ...     warnings.simplefilter("error", fparams.VmapFallbackWarning)
+        >>> issubclass(fparams.VmapFallbackWarning, UserWarning)
+        True
     """
 
 
