@@ -209,9 +209,17 @@ def map_tasks(
             randomness=randomness,
             chunk_size=chunk_size if chosen == "chunked" else None,
         )
+        def run_vmap() -> Any:
+            return _explain_vmap_errors(lambda: mapped(params, *task_batches), strategy)
+
         if strategy != "auto" or torch.compiler.is_compiling():
-            return _explain_vmap_errors(mapped, params, task_batches, strategy)
-        return _vmap_or_loop(fn, mapped, params, task_batches, n, batch_stats)
+            return run_vmap()
+
+        def run_loop() -> Any:
+            with exact_norms(batch_stats) as fresh:
+                return _loop(fn, params, task_batches, n, fresh)
+
+        return vmap_or_loop(fn, run_vmap, run_loop, [params, task_batches])
 
     run.__doc__ = f"map_tasks({getattr(fn, '__name__', 'fn')}): call as f(params, *task_batches)."
     return run
@@ -233,7 +241,7 @@ class VmapFallbackWarning(UserWarning):
 
 
 # Functions vmap could not run (fn -> the op), and functions it ran once: the
-# first vmap call of a function under "auto" is guarded (see _vmap_or_loop).
+# first vmap call of a function under "auto" is guarded (see vmap_or_loop).
 _VMAP_FAILED: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _VMAP_RAN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
@@ -314,11 +322,10 @@ def _vmap_error(op: str, strategy: str, err: BaseException) -> RuntimeError:
     )
 
 
-def _explain_vmap_errors(
-    mapped: Callable[..., Any], params: Any, batches: Sequence[Any], strategy: str
-) -> Any:
+def _explain_vmap_errors(call: Callable[[], Any], strategy: str) -> Any:
+    """``call()``, a vmap over tasks, with vmap's errors for random ops and missing rules explained."""
     try:
-        return mapped(params, *batches)
+        return call()
     except RuntimeError as err:
         if _RANDOM_ERROR in str(err):
             raise _randomness_error(err) from err
@@ -328,15 +335,17 @@ def _explain_vmap_errors(
         raise _vmap_error(op, strategy, err) from err
 
 
-def _vmap_or_loop(
+def vmap_or_loop(
     fn: Callable[..., Any],
-    mapped: Callable[..., Any],
-    params: Any,
-    batches: Sequence[Any],
-    n: int,
-    batch_stats: bool,
+    run_vmap: Callable[[], Any],
+    run_loop: Callable[[], Any],
+    given: Any,
+    stacklevel: int = 3,
 ) -> Any:
-    """``"auto"``'s vmap call: on an op vmap cannot run, the loop, warned once per function.
+    """``"auto"``: ``run_vmap()``; on an op vmap cannot run, ``run_loop()``, warned once per ``fn``.
+
+    ``run_vmap`` raises the errors of :func:`_explain_vmap_errors`; ``given``
+    holds the call's arguments (a pytree).
 
     vmap may have changed a task argument in place (per-task BatchNorm
     statistics) before it reached that op. On the first call of ``fn`` every
@@ -348,11 +357,11 @@ def _vmap_or_loop(
     taking as an argument is not restored (BatchNorm statistics shared by all
     tasks are refused by vmap before they change).
     """
-    given = [t for t in pytree.tree_leaves([params, list(batches)]) if isinstance(t, Tensor)]
+    tensors = [t for t in pytree.tree_leaves(given) if isinstance(t, Tensor)]
     first = not _vmap_ran(fn)
-    saved = [(t, t._version, t.detach().clone() if first else None) for t in given]
+    saved = [(t, t._version, t.detach().clone() if first else None) for t in tensors]
     try:
-        out = _explain_vmap_errors(mapped, params, batches, "auto")
+        out = run_vmap()
     except RuntimeError as err:
         op = _unbatchable_op(err.__cause__) if err.__cause__ is not None else None
         if op is None:
@@ -375,11 +384,9 @@ def _vmap_or_loop(
             f"from now on (same numbers, one task at a time). Pass strategy='loop' to choose it "
             f"yourself.",
             VmapFallbackWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
-        norms = exact_norms(batch_stats)
-        with norms:
-            return _loop(fn, params, batches, n, norms)
+        return run_loop()
     _remember(_VMAP_RAN, fn, True)
     return out
 

@@ -107,6 +107,13 @@ def test_auto_falls_back_to_the_loop_once_with_a_warning() -> None:
         fparams.meta_value_and_grad(task)(params, *data)
 
 
+def test_the_fallback_warning_points_at_the_callers_line() -> None:
+    arch, params = _renamed_gru()
+    with pytest.warns(fparams.VmapFallbackWarning) as record:
+        fparams.map_tasks(_maml(arch))(params, *_seq_data())
+    assert record[0].filename == __file__
+
+
 def test_fallback_under_an_outer_torch_func_grad() -> None:
     arch, params = _renamed_gru()
     task, data = _maml(arch), _seq_data()
