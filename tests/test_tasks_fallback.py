@@ -114,6 +114,19 @@ def test_the_fallback_warning_points_at_the_callers_line() -> None:
     assert record[0].filename == __file__
 
 
+def test_meta_value_and_grad_falls_back_and_explains_too() -> None:
+    arch, params = _renamed_gru()
+    data = _seq_data()
+    task = _maml(arch)
+    with pytest.warns(fparams.VmapFallbackWarning, match=r"vmap cannot run"):  # the op depends on the route
+        value, grads = fparams.meta_value_and_grad(task)(fparams.detach(params), *data)
+    want_value, want_grads = fparams.meta_value_and_grad(task, strategy="loop")(fparams.detach(params), *data)
+    torch.testing.assert_close(value, want_value, **TOL)
+    assert_dicts_close(grads, want_grads, **TOL)
+    with pytest.raises(RuntimeError, match=r"vmap cannot run .* strategy='vmap' fails .* strategy='loop'"):
+        fparams.meta_value_and_grad(task, strategy="vmap")(fparams.detach(params), *data)
+
+
 def test_fallback_under_an_outer_torch_func_grad() -> None:
     arch, params = _renamed_gru()
     task, data = _maml(arch), _seq_data()
