@@ -80,6 +80,27 @@ def test_auto_loops_over_spectral_norm_in_train_mode() -> None:
     )  # the power iteration ran as in the loop
 
 
+def test_auto_falls_back_over_parametrized_spectral_norm() -> None:
+    """torch.nn.utils.parametrizations.spectral_norm: found by the fallback, with the loop's buffers."""
+    torch.manual_seed(0)
+    sn = nn.utils.parametrizations.spectral_norm
+    net = nn.Sequential(sn(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 1)).double()
+    twin = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        torch.randn(3, 5, 3, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, 1, generator=g, dtype=torch.float64),
+    ]
+    arch, params, _ = fparams.split(net)
+    with pytest.warns(fparams.VmapFallbackWarning, match=r"aten::div.out"):
+        got = fparams.map_tasks(_maml(arch))(params, *data)
+    arch2, params2, _ = fparams.split(twin)
+    want = fparams.map_tasks(_maml(arch2), strategy="loop")(params2, *data)
+    torch.testing.assert_close(got, want, **TOL)
+    for a, b in zip(net.buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def _renamed_gru() -> Tuple[Callable[..., Tensor], Dict[str, Tensor]]:
     """A GRU whose parameters the caller holds under other names: not recognisable up front."""
     torch.manual_seed(0)
