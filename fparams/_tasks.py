@@ -315,8 +315,8 @@ def _randomness_error(err: BaseException) -> ValueError:
 def _vmap_error(op: str, strategy: str, err: BaseException) -> RuntimeError:
     also = "" if strategy == "auto" else ", or strategy='auto', which falls back to the loop"
     return RuntimeError(
-        f"fparams.map_tasks: vmap cannot run {op} (torch has no batching rule for it), so "
-        f"strategy={strategy!r} fails on this function. Use map_tasks(..., strategy='loop'), "
+        f"fparams.map_tasks: vmap cannot run {op}, so strategy={strategy!r} fails on this "
+        f"function. Use map_tasks(..., strategy='loop'), "
         f"which runs one task at a time{also}. "
         f"torch said: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
     )
