@@ -162,7 +162,7 @@ def test_explicit_vmap_names_the_op_and_the_loop() -> None:
     for strategy, kw in (("vmap", {}), ("chunked", {"chunk_size": 2})):
         with pytest.raises(
             RuntimeError,
-            match=rf"vmap cannot run aten::gru.input .* strategy='{strategy}' fails .* strategy='loop'",
+            match=rf"vmap cannot run aten::gru.input, so strategy='{strategy}' fails .* strategy='loop'",
         ):
             fparams.map_tasks(_maml(arch), strategy=strategy, **kw)(params, *_seq_data())
 
