@@ -17,12 +17,16 @@ from ._maml import MAML, MetaSGD
 from ._module_api import (
     clone_distribution,
     clone_module,
+    clone_named_parameters,
+    clone_parameters,
     detach_distribution,
     detach_module,
+    maml_update,
+    meta_sgd_update,
     update_module,
 )
 from ._norms import exact_norms
-from ._tasks import map_tasks, meta_value_and_grad, stack_tasks
+from ._tasks import VmapFallbackWarning, map_tasks, meta_value_and_grad, pad_tasks, stack_tasks
 from ._transforms import (
     apply_updates,
     clone,
@@ -47,12 +51,15 @@ __all__ = [
     "Grads",
     "Params",
     "Updates",
+    "VmapFallbackWarning",
     "__version__",
     "adapt",
     "apply_updates",
     "clone",
     "clone_distribution",
     "clone_module",
+    "clone_named_parameters",
+    "clone_parameters",
     "combine",
     "compile",
     "detach",
@@ -60,9 +67,12 @@ __all__ = [
     "detach_module",
     "exact_norms",
     "magic_box",
+    "maml_update",
     "map_params",
     "map_tasks",
+    "meta_sgd_update",
     "meta_value_and_grad",
+    "pad_tasks",
     "partition",
     "sgd_step",
     "split",

@@ -215,3 +215,45 @@ def inner_grad(fn: Callable[..., Tensor], route: str, create_graph: bool) -> Gra
     if route == "vmap":
         return vmapped_grad(fn, create_graph)
     return func_grad(fn)
+
+
+def split_aux(out: Any) -> Any:
+    """``loss_fn``'s ``(loss, aux)`` pair, checked (``adapt(..., has_aux=True)``)."""
+    if not (isinstance(out, tuple) and len(out) == 2):
+        got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
+        raise ValueError(
+            f"fparams.adapt: has_aux=True needs `loss_fn` to return a pair (loss, aux); got {got}. "
+            f"Return `loss, aux`, or drop has_aux."
+        )
+    return out
+
+
+def inner_grad_with_aux(fn: Callable[..., Any], route: str, create_graph: bool) -> GradFn:
+    """:func:`inner_grad` for ``fn(fast, *args) -> (loss, aux)``; its function returns ``(grads, aux)``.
+
+    On the ``"func"`` route ``torch.func.grad(has_aux=True)`` returns the aux
+    unwrapped from its level. The other routes open no level, so the aux
+    computed by the loss is returned as it is.
+    """
+    if route == "func":
+        grad = torch.func.grad(lambda fast, *a: split_aux(fn(fast, *a)), has_aux=True)
+
+        def func_fn(fast: Params, *args: Any, owned: bool = False) -> Any:
+            return grad(fast, *args)
+
+        return func_fn
+    box: List[Any] = []
+
+    def loss_only(fast: Params, *args: Any) -> Tensor:
+        loss, aux = split_aux(fn(fast, *args))
+        box.append(aux)
+        return loss
+
+    plain = inner_grad(loss_only, route, create_graph)
+
+    def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Any:
+        box.clear()
+        grads = plain(fast, *args, owned=owned)
+        return grads, box.pop()
+
+    return grad_fn

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import numbers
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import torch
 from torch import Tensor
 
 from ._checkpoint import check_checkpoint, checkpointed_step
-from ._grads import grad_route, inner_grad
+from ._grads import grad_route, inner_grad, inner_grad_with_aux
 from ._norms import innermost_exact_norms
 from ._transforms import check_rate_shapes, partition
 from ._types import LR, Filter, Params, TensorDict
@@ -37,23 +37,57 @@ def check_rates(
         return {k: lr[k] for k in names}
     if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor)):
         raise TypeError(
-            f"{where}: `lr` must be a number, a tensor, a dict of tensors or an fparams.optim "
-            f"optimizer; got {type(lr).__name__}."
+            f"{where}: `lr` must be a number, a tensor, a dict of tensors, a list of per-step rates "
+            f"or an fparams.optim optimizer; got {type(lr).__name__}."
         )
     return dict.fromkeys(names, lr)
 
 
+@overload
 def adapt(
-    loss_fn: Callable[..., Tensor],
+    loss_fn: Callable[..., Any],
     params: TensorDict,
     *args: Any,
-    lr: LR,
+    lr: Union[LR, Sequence[LR]],
+    steps: int = ...,
+    first_order: bool = ...,
+    filter: Optional[Filter] = ...,
+    buffers: Optional[TensorDict] = ...,
+    checkpoint: bool = ...,
+    has_aux: Literal[False] = ...,
+    return_state: Literal[False] = ...,
+) -> Params: ...
+
+
+@overload
+def adapt(
+    loss_fn: Callable[..., Any],
+    params: TensorDict,
+    *args: Any,
+    lr: Union[LR, Sequence[LR]],
+    steps: int = ...,
+    first_order: bool = ...,
+    filter: Optional[Filter] = ...,
+    buffers: Optional[TensorDict] = ...,
+    checkpoint: bool = ...,
+    has_aux: bool = ...,
+    return_state: bool = ...,
+) -> Any: ...
+
+
+def adapt(
+    loss_fn: Callable[..., Any],
+    params: TensorDict,
+    *args: Any,
+    lr: Union[LR, Sequence[LR]],
     steps: int = 1,
     first_order: bool = False,
     filter: Optional[Filter] = None,
     buffers: Optional[TensorDict] = None,
     checkpoint: bool = False,
-) -> Params:
+    has_aux: bool = False,
+    return_state: bool = False,
+) -> Any:
     """Take ``steps`` differentiable gradient steps on ``loss_fn(params, *args)``.
 
     It runs under ``torch.func.vmap`` (one adaptation per task, see
@@ -67,12 +101,16 @@ def adapt(
     step, as a hand-written inner loop does.
 
     Args:
-        loss_fn: ``loss_fn(params, *args) -> scalar tensor``.
+        loss_fn: ``loss_fn(params, *args) -> scalar tensor`` (with
+            ``has_aux=True``, ``-> (scalar tensor, aux)``).
         params: the starting parameters (a dict, e.g. from :func:`fparams.split`).
         *args: passed to ``loss_fn`` at every step (the support set).
         lr: a number, a tensor (a learned rate), a dict with one tensor per
             adapted parameter (Meta-SGD), or an ``fparams.optim`` optimizer
-            such as ``fparams.optim.adam(1e-2)``.
+            such as ``fparams.optim.adam(1e-2)``. A list or tuple with one
+            such rate (not an optimizer) per step gives per-step rates
+            (MAML++): step ``i`` uses ``lr[i]``, and learned entries get
+            meta-gradients; its length must be ``steps``.
         steps: number of inner steps.
         first_order: stop gradients through the inner gradients (FOMAML).
         filter: which parameters adapt (e.g. ``"head.*"`` for ANIL); the rest
@@ -96,9 +134,18 @@ def adapt(
             Layers that update module buffers in place other than through
             ``buffers`` (BatchNorm in train mode without ``buffers=``) update
             them once more when a step is recomputed; pass ``buffers=``.
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of the last
+            inner step (computed at the parameters before that step's
+            update, e.g. support-set predictions or accuracy) is returned
+            too, or ``None`` where ``steps=0``.
+        return_state: also return the inner optimizer's state after the last
+            step (``lr`` must be an ``fparams.optim`` optimizer); it covers
+            the adapted parameters (those ``filter`` selects).
 
     Returns:
-        A new dict with every name of ``params``.
+        A new dict with every name of ``params``; with ``has_aux`` and/or
+        ``return_state``, a tuple in that order: ``(params, aux)``,
+        ``(params, state)`` or ``(params, aux, state)``.
 
     Example:
         >>> import torch, fparams
@@ -108,6 +155,12 @@ def adapt(
         >>> fast = fparams.adapt(mse, params, x, y, lr=0.1, steps=3)
         >>> bool(mse(fast, x, y) < mse(params, x, y))
         True
+        >>> def mse_aux(p, x, y):
+        ...     out = arch(p, x)
+        ...     return (out - y).pow(2).mean(), out.detach()
+        >>> fast, preds = fparams.adapt(mse_aux, params, x, y, lr=[0.1, 0.05], steps=2, has_aux=True)
+        >>> preds.shape
+        torch.Size([8, 1])
     """
     where = "fparams.adapt"
     if not isinstance(params, Mapping):
@@ -117,6 +170,12 @@ def adapt(
     trainable, frozen = partition(params, filter) if filter is not None else (dict(params), {})
     if not trainable:
         raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")
+    if return_state and not is_optimizer(lr):
+        raise ValueError(
+            f"{where}: return_state=True needs `lr` to be an fparams.optim optimizer (e.g. "
+            f"fparams.optim.adam(1e-2)); got {type(lr).__name__}, whose plain gradient steps keep no state."
+        )
+    schedule = _per_step_rates(where, lr, steps, trainable, params) if _is_schedule(lr) else None  # type: ignore[arg-type]
 
     # The route depends only on the transforms active now: chosen once, not per step.
     route = grad_route()
@@ -133,41 +192,83 @@ def adapt(
     if norms is not None:
         # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.
         loss_fn = norms.around(loss_fn)
-    grads_for = functools.partial(_grad_fn, loss_fn, create_graph, buffers is not None)
+    grads_for = functools.partial(_grad_fn, loss_fn, create_graph, buffers is not None, has_aux)
     with norms.suspended() if norms is not None else contextlib.nullcontext():
         if is_optimizer(lr):
             opt: Any = lr
-            carry: Tuple[Params, Any] = (trainable, opt.init(trainable))
+            carry: Carry = (trainable, opt.init(trainable), None)
             update: Optional[Callable[..., Tuple[Params, Any]]] = functools.partial(_optimizer_update, opt)
             rates: Any = None
+        elif schedule is not None:
+            carry, update, rates = (trainable, None, None), None, None
         else:
             rates = check_rates(where, lr, trainable, params)
             check_rate_shapes(where, rates, trainable)
-            carry, update = (trainable, None), None
-        ctx = (rates, frozen, args)
+            carry, update = (trainable, None, None), None
+        # one rate dict per step: the same one, or the schedule's entry (per-step rates)
+        contexts = [(rates if schedule is None else schedule[i], frozen, args) for i in range(steps)]
         if checkpoint:  # the vmap route's gradient function is made inside the step's own vmap
             body = functools.partial(_checkpointed_body, grads_for, update, first_order)
-            for _ in range(steps):
+            for ctx in contexts:
                 carry = checkpointed_step(body, carry, ctx, buffers)
         else:
             grads_fn = grads_for(route)
-            for i in range(steps):
+            for i, ctx in enumerate(contexts):
                 carry = _one_step(grads_fn, update, first_order, i > 0, carry, ctx, buffers)
-        trainable = carry[0]
+        trainable, state, aux = carry
     # the caller's key order, so that zipping names with values stays safe
-    return {k: trainable[k] if k in trainable else frozen[k] for k in params}
+    fast = {k: trainable[k] if k in trainable else frozen[k] for k in params}
+    if not (has_aux or return_state):
+        return fast
+    return (fast,) + ((aux,) if has_aux else ()) + ((state,) if return_state else ())
+
+
+#: What an inner step carries to the next: the adapted params, the optimizer
+#: state (None for plain steps) and, with ``has_aux``, the aux of the step (None before any).
+Carry = Tuple[Params, Any, Any]
+
+
+def _is_schedule(lr: Any) -> bool:
+    # a GradientTransformation is a NamedTuple: a tuple, but one optimizer
+    return isinstance(lr, (list, tuple)) and not is_optimizer(lr)
+
+
+def _per_step_rates(
+    where: str, lr: Sequence[Any], steps: int, names: Mapping[str, object], all_names: Mapping[str, object]
+) -> List[Dict[str, Any]]:
+    """Per-step learning rates (MAML++): one checked rate dict per step."""
+    if len(lr) != steps:
+        raise ValueError(
+            f"{where}: `lr` is a sequence of {len(lr)} per-step rates but steps={steps}; give one "
+            f"rate per inner step, or a single rate for all of them."
+        )
+    schedule = []
+    for i, entry in enumerate(lr):
+        if is_optimizer(entry):
+            raise TypeError(
+                f"{where}: `lr[{i}]` is an optimizer; per-step rates are numbers, tensors or dicts "
+                f"of tensors. Pass a single fparams.optim optimizer as `lr` instead."
+            )
+        rates = check_rates(f"{where}: `lr[{i}]`", entry, names, all_names)
+        check_rate_shapes(f"{where}: `lr[{i}]`", rates, names)  # type: ignore[arg-type]
+        schedule.append(rates)
+    return schedule
 
 
 def _grad_fn(
-    loss_fn: Callable[..., Tensor], create_graph: bool, with_buffers: bool, route: str
-) -> Callable[..., Params]:
-    """``grads(fast, frozen, buffers, *args, owned=...)`` of ``loss_fn`` by ``route``."""
-    def inner(fast: Params, frozen: Params, b: Optional[TensorDict], *a: Any) -> Tensor:
+    loss_fn: Callable[..., Any], create_graph: bool, with_buffers: bool, has_aux: bool, route: str
+) -> Callable[..., Any]:
+    """``grads(fast, frozen, buffers, *args, owned=...)`` of ``loss_fn`` by ``route``.
+
+    With ``has_aux`` it returns ``(grads, aux)``.
+    """
+    def inner(fast: Params, frozen: Params, b: Optional[TensorDict], *a: Any) -> Any:
         if with_buffers:
             return loss_fn({**fast, **frozen}, *a, buffers=b)
         return loss_fn({**fast, **frozen}, *a)
 
-    return functools.partial(_explained, inner_grad(inner, route, create_graph))
+    make = inner_grad_with_aux if has_aux else inner_grad
+    return functools.partial(_explained, make(inner, route, create_graph))
 
 
 def _one_step(
@@ -175,29 +276,30 @@ def _one_step(
     update: Optional[Callable[..., Tuple[Params, Any]]],
     first_order: bool,
     owned: bool,
-    carry: Tuple[Params, Any],
+    carry: Carry,
     ctx: Tuple[Any, Params, Tuple[Any, ...]],
     buffers: Optional[TensorDict],
-) -> Tuple[Params, Any]:
-    """One inner step: ``carry = (trainable, optimizer state)`` to the next carry."""
-    trainable, state = carry
+) -> Carry:
+    """One inner step: ``carry = (trainable, optimizer state, aux)`` to the next carry."""
+    trainable, state, _ = carry
     rates, frozen, args = ctx
-    grads = grads_fn(trainable, frozen, buffers, *args, owned=owned)  # owned: the tensors are ours
+    out = grads_fn(trainable, frozen, buffers, *args, owned=owned)  # owned: the tensors are ours
+    grads, aux = out if isinstance(out, tuple) else (out, None)  # (grads, aux) with has_aux
     if first_order:
         grads = {k: g.detach() for k, g in grads.items()}
     if update is None:
-        return {k: _step(p, rates[k], grads[k]) for k, p in trainable.items()}, None
-    return update(grads, state, trainable)
+        return {k: _step(p, rates[k], grads[k]) for k, p in trainable.items()}, None, aux
+    return (*update(grads, state, trainable), aux)
 
 
 def _checkpointed_body(
     grads_for: Callable[[str], Callable[..., Params]],
     update: Optional[Callable[..., Tuple[Params, Any]]],
     first_order: bool,
-    carry: Tuple[Params, Any],
+    carry: Carry,
     ctx: Tuple[Any, Params, Tuple[Any, ...]],
     buffers: Optional[TensorDict],
-) -> Tuple[Params, Any]:
+) -> Carry:
     # Runs on the first run and when recomputed: the route is read here,
     # since the vmap route's level is the step's own.
     return _one_step(grads_for(grad_route()), update, first_order, False, carry, ctx, buffers)

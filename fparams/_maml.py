@@ -8,7 +8,7 @@ meta-batch in one vectorised call use :func:`fparams.adapt` with
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,40 @@ class _Learner(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
+
+    def _leaves_before_adapt(self, where: str) -> List[Tuple[Tensor, int, Optional[Tensor], int]]:
+        """The module's own (leaf) parameters that this adapt replaces; checks earlier ones first.
+
+        ``adapt`` on the learner that holds the meta-parameters (not on a
+        ``clone()``) replaces them by adapted tensors whose graph starts at
+        them. Once ``backward()`` has run through that graph (the leaves got
+        a ``.grad``) or an optimizer changed them in place, every backward
+        through the adapted tensors can only fail, later, with torch's
+        in-place or freed-graph error. That is reported here, at the next
+        ``adapt``, where the fix is clear.
+        """
+        for p, version, grad, grad_version in self.__dict__.get("_adapted_leaves", ()):
+            stepped = p._version != version
+            backwarded = p.grad is not grad or (grad is not None and grad._version != grad_version)
+            if stepped or backwarded:
+                what = "changed in place (an optimizer step)" if stepped else "used by backward()"
+                raise RuntimeError(
+                    f"{where}: this {type(self).__name__} was adapted itself, not a clone, and its "
+                    f"original parameters have since been {what}; any backward through the adapted "
+                    f"module would now fail (torch's freed-graph or in-place error). Call .clone() "
+                    f"first and adapt the clone, one per task: learner = "
+                    f"{type(self).__name__.lower()}.clone(); learner.adapt(loss). The object you "
+                    f"cloned keeps the meta-parameters."
+                )
+        return [
+            (p, p._version, p.grad, -1 if p.grad is None else p.grad._version)
+            for p in self.module.parameters()
+            if p.is_leaf and p.requires_grad
+        ]
+
+    def _remember_leaves(self, leaves: List[Tuple[Tensor, int, Optional[Tensor], int]]) -> None:
+        if leaves:  # a clone's parameters are not leaves: nothing to watch
+            self.__dict__["_adapted_leaves"] = leaves
 
     def __getattr__(self, name: str) -> Any:
         # learn2learn's learners fall back to the wrapped module's attributes.
@@ -116,17 +150,27 @@ class MAML(_Learner):
         allow_unused: Optional[bool] = None,
         allow_nograd: Optional[bool] = None,
     ) -> None:
-        """One differentiable gradient step of ``self.module`` on ``loss``, in place."""
+        """One differentiable gradient step of ``self.module`` on ``loss``, in place.
+
+        Adapt a ``clone()`` per task. Adapting the ``MAML`` object itself works
+        as in learn2learn (its module then holds the adapted tensors), but
+        once a backward or an optimizer step has used its original
+        parameters, a further ``adapt`` raises a RuntimeError that says so,
+        rather than letting the next backward fail with torch's in-place or
+        freed-graph error.
+        """
         first_order = self.first_order if first_order is None else first_order
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         if allow_unused is None:
             allow_unused = self.allow_unused or allow_nograd
+        leaves = self._leaves_before_adapt("MAML.adapt")
         grads = _grads("MAML.adapt", self.module, loss, not first_order, allow_unused, allow_nograd)
         if is_optimizer(self.lr):
             updates = self._optimizer_updates(grads)
         else:
             updates = [None if g is None else -self.lr * g for g in grads]
         self.module = update_module(self.module, updates=updates)
+        self._remember_leaves(leaves)
 
     def _optimizer_updates(self, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
         named = [(str(i), p) for i, p in enumerate(self.module.parameters())]
@@ -209,6 +253,8 @@ class MetaSGD(_Learner):
     def adapt(self, loss: Tensor, first_order: Optional[bool] = None) -> None:
         """One step ``p - lr * g`` with the learned rates, in place."""
         first_order = self.first_order if first_order is None else first_order
+        leaves = self._leaves_before_adapt("MetaSGD.adapt")
         grads = _grads("MetaSGD.adapt", self.module, loss, not first_order, False, False)
         updates = [None if g is None else -lr * g for lr, g in zip(self.lrs, grads)]
         self.module = update_module(self.module, updates=updates)
+        self._remember_leaves(leaves)

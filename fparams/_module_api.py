@@ -10,7 +10,7 @@ Where learn2learn prints and carries on, these raise.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 from torch.distributions import Distribution
@@ -184,6 +184,155 @@ def update_module(
 
     rewrite(module, param, _add_update_attr, memo, modules)
     return module
+
+
+def _check_module(where: str, module: object) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{where}: `model` must be a torch.nn.Module; got {type(module).__name__}.")
+
+
+def _check_list(where: str, name: str, values: object, count: int) -> List[Any]:
+    if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
+        raise TypeError(
+            f"{where}: `{name}` must be a list with one entry per tensor of model.parameters(); "
+            f"got {type(values).__name__}."
+        )
+    if len(values) != count:
+        raise ValueError(
+            f"{where}: got {len(values)} {name} for {count} parameters; give one per tensor of "
+            f"model.parameters(), in that order (learn2learn prints a warning and truncates)."
+        )
+    return list(values)
+
+
+def maml_update(model: nn.Module, lr: Any, grads: Optional[Sequence[Optional[Tensor]]] = None) -> nn.Module:
+    """learn2learn's MAML step on a module, in place: ``p - lr * g``, keeping the graph.
+
+    ``grads`` has one tensor (or ``None``, to skip) per tensor of
+    ``model.parameters()``; ``lr`` is a number or a tensor (a learned rate).
+    With ``grads=None`` the ``.update`` attributes learn2learn's API places on
+    the tensors are applied instead (as :func:`update_module` does). Returns
+    ``model``; tied parameters stay tied, RNN flat weights are refreshed.
+
+    Raises:
+        ValueError: the number of gradients differs from the number of
+            parameters (learn2learn prints a warning and truncates), or a
+            gradient's shape differs from its parameter's.
+        TypeError: ``grads`` is not a list, or an entry is neither a tensor nor ``None``.
+
+    Example:
+        >>> import torch, fparams
+        >>> model = fparams.clone_module(torch.nn.Linear(3, 1))
+        >>> loss = model(torch.randn(4, 3)).pow(2).mean()
+        >>> grads = torch.autograd.grad(loss, model.parameters(), create_graph=True)
+        >>> model = fparams.maml_update(model, lr=0.1, grads=grads)
+        >>> model.weight.grad_fn is not None
+        True
+    """
+    where = "fparams.maml_update"
+    _check_module(where, model)
+    if grads is None:
+        return update_module(model)
+    grads = _check_list(where, "grads", grads, len(unique_params(tree(model))))
+    return _update(where, model, [None if g is None else -lr * g for g in grads])
+
+
+def meta_sgd_update(
+    model: nn.Module,
+    lrs: Optional[Sequence[Any]] = None,
+    grads: Optional[Sequence[Optional[Tensor]]] = None,
+) -> nn.Module:
+    """learn2learn's Meta-SGD step on a module, in place: ``p - lr_p * g_p``, keeping the graph.
+
+    ``lrs`` and ``grads`` each hold one entry per tensor of
+    ``model.parameters()`` (a rate tensor of the parameter's shape, or a
+    number; a gradient, or ``None`` to skip). Returns ``model``.
+
+    learn2learn also accepts ``lrs=None, grads=None`` and then reads ``.grad``
+    and an ``._lr`` attribute it stashed on the parameters earlier; fparams
+    keeps no state on tensors, so both are required.
+
+    Raises:
+        ValueError: ``lrs`` or ``grads`` is missing, or their length differs
+            from the number of parameters.
+        TypeError: ``lrs`` or ``grads`` is not a list.
+
+    Example:
+        >>> import torch, fparams
+        >>> model = fparams.clone_module(torch.nn.Linear(3, 1))
+        >>> lrs = [torch.full_like(p, 0.1, requires_grad=True) for p in model.parameters()]
+        >>> loss = model(torch.randn(4, 3)).pow(2).mean()
+        >>> grads = torch.autograd.grad(loss, model.parameters(), create_graph=True)
+        >>> model = fparams.meta_sgd_update(model, lrs=lrs, grads=grads)
+        >>> model(torch.randn(2, 3)).sum().backward()
+        >>> lrs[0].grad is not None
+        True
+    """
+    where = "fparams.meta_sgd_update"
+    _check_module(where, model)
+    if lrs is None or grads is None:
+        missing = [name for name, v in (("lrs", lrs), ("grads", grads)) if v is None]
+        raise ValueError(
+            f"{where}: {' and '.join(f'`{m}`' for m in missing)} missing; give one learning rate and "
+            f"one gradient per tensor of model.parameters() (learn2learn reads them from attributes "
+            f"stashed on the tensors, which fparams does not keep)."
+        )
+    count = len(unique_params(tree(model)))
+    rates = _check_list(where, "lrs", lrs, count)
+    grads = _check_list(where, "grads", grads, count)
+    return _update(where, model, [None if g is None else -lr * g for lr, g in zip(rates, grads)])
+
+
+def _update(where: str, model: nn.Module, updates: List[Optional[Tensor]]) -> nn.Module:
+    # update_module's checks, worded for the caller
+    try:
+        return update_module(model, updates=updates)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("update_module:", f"{where}:", 1)) from None
+
+
+def clone_parameters(param_list: Sequence[Tensor]) -> List[Tensor]:
+    """learn2learn's ``clone_parameters``: ``[p.clone() for p in param_list]``, still in the graph.
+
+    Example:
+        >>> import torch, fparams
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> (c,) = fparams.clone_parameters([w])
+        >>> c.sum().backward(); w.grad
+        tensor([1., 1.])
+    """
+    if isinstance(param_list, (Tensor, Mapping)) or not isinstance(param_list, Iterable):
+        raise TypeError(
+            f"fparams.clone_parameters: `param_list` must be a list of tensors (e.g. "
+            f"list(model.parameters())); got {type(param_list).__name__}."
+        )
+    values = list(param_list)
+    for i, p in enumerate(values):
+        if not isinstance(p, Tensor):
+            raise TypeError(
+                f"fparams.clone_parameters: `param_list[{i}]` is a {type(p).__name__}, not a tensor."
+            )
+    return [p.clone() for p in values]
+
+
+def clone_named_parameters(param_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """learn2learn's ``clone_named_parameters``: ``{k: p.clone()}``, still in the graph.
+
+    Example:
+        >>> import torch, fparams
+        >>> net = torch.nn.Linear(2, 1)
+        >>> sorted(fparams.clone_named_parameters(dict(net.named_parameters())))
+        ['bias', 'weight']
+    """
+    if not isinstance(param_dict, Mapping):
+        raise TypeError(
+            f"fparams.clone_named_parameters: `param_dict` must be a dict of tensors (e.g. "
+            f"dict(model.named_parameters())); got {type(param_dict).__name__}."
+        )
+    bad = sorted(str(k) for k, p in param_dict.items() if not isinstance(p, Tensor))
+    if bad:
+        raise TypeError(f"fparams.clone_named_parameters: the values for {bad} are not tensors.")
+    return {k: p.clone() for k, p in param_dict.items()}
 
 
 # -- distributions ---------------------------------------------------------

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
+import warnings
+import weakref
 from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -41,7 +44,12 @@ def _num_tasks(where: str, batches: Sequence[Any]) -> int:
         raise ValueError(f"{where}: no task argument holds a tensor, so there are no tasks to map over.")
     if len({n for _, n in sizes}) > 1:
         shown = ", ".join(f"{label}: {n}" for label, n in sizes)
-        raise ValueError(f"{where}: the task arguments disagree on the number of tasks (dim 0): {shown}.")
+        raise ValueError(
+            f"{where}: the task arguments disagree on the number of tasks (dim 0): {shown}. Every "
+            f"argument holds all tasks on dim 0. For tasks of different sizes, pass one tuple per "
+            f"task, f(params, tasks=[(xs0, ys0), (xs1, ys1), ...]) (run by the loop), or pad them "
+            f"with fparams.pad_tasks and mask the loss (vmap)."
+        )
     raise ValueError(f"{where}: the task arguments hold 0 tasks (dim 0 has size 0).")
 
 
@@ -120,6 +128,12 @@ def map_tasks(
     one inner step's activations at a time, ``fparams.adapt(...,
     checkpoint=True)``.
 
+    Tasks of different sizes (few-shot episodes with different shot counts)
+    cannot be stacked on dim 0. Pass them as one tuple of arguments per task,
+    ``f(params, tasks=[(xs0, ys0), (xs1, ys1), ...])``, which runs
+    ``fn(params, *tasks[i])`` with the loop and stacks the outputs; or pad
+    them with :func:`fparams.pad_tasks` and mask the loss, which vmap runs.
+
     Args:
         fn: ``fn(params, *task) -> output`` for one task.
         strategy: ``"vmap"`` (one vectorised call), ``"loop"`` (one call per
@@ -127,13 +141,23 @@ def map_tasks(
             bound memory) or ``"auto"`` (vmap for many small tasks; the loop
             for one task or large ones, see :func:`choose_strategy`; with
             ``randomness`` other than ``"error"`` only a single task loops).
-            All give the same numbers, up to float rounding.
+            All give the same numbers, up to float rounding. ``"auto"`` also
+            runs every function the loop can run: it loops from the start
+            over recurrent layers (GRU, LSTM, RNN) and ``spectral_norm``
+            (recognised by their parameter names, see ``UNBATCHABLE_PARAM``),
+            and where vmap meets another op it cannot run (no batching rule,
+            ``.item()``), it runs the loop instead, with one
+            :class:`fparams.VmapFallbackWarning`; later calls of the same
+            ``fn`` go straight to the loop. Task arguments that vmap changed
+            in place before it failed get their values back first.
+            ``"vmap"`` and ``"chunked"`` raise a RuntimeError naming the op.
         chunk_size: tasks per vmap call; required for ``"chunked"``, and with
             ``"auto"`` it selects ``"chunked"``.
         randomness: vmap's ``randomness`` for random ops such as dropout:
             ``"error"``, ``"different"`` (independent draws per task) or
             ``"same"`` (one draw shared by all tasks). The loop strategy draws
             per task in order, so random values differ between strategies.
+            A random op under ``"error"`` raises a ValueError naming these options.
         batch_stats: batch normalization uses the statistics of each task's
             batch and never updates running statistics.
 
@@ -146,6 +170,9 @@ def map_tasks(
         >>> xs, ys, xq, yq = (torch.randn(4, 5, 1) for _ in range(4))
         >>> fparams.map_tasks(task_loss)(params, xs, ys, xq, yq).shape
         torch.Size([4])
+        >>> ragged = [tuple(torch.randn(n, 1) for _ in range(4)) for n in (3, 5)]  # 3 and 5 shots
+        >>> fparams.map_tasks(task_loss)(params, tasks=ragged).shape
+        torch.Size([2])
     """
     where = "fparams.map_tasks"
     if not callable(fn):
@@ -166,13 +193,17 @@ def map_tasks(
             f"strategy={strategy!r} with chunk_size={chunk_size}."
         )
 
-    def run(params: Any, *task_batches: Any) -> Any:
+    def run(params: Any, *task_batches: Any, tasks: Optional[Sequence[Any]] = None) -> Any:
+        if tasks is not None:
+            return _run_task_list(fn, params, task_batches, tasks, strategy, batch_stats)
         if not task_batches:
             raise TypeError(
                 f"{where}: call the mapped function as f(params, *task_batches); no task batch was given."
             )
         n = _num_tasks(where, task_batches)
         chosen = _resolve(strategy, chunk_size, randomness, task_batches, n)
+        if strategy == "auto" and chosen != "loop" and _loop_only(fn, params):
+            chosen = "loop"  # vmap cannot run this function (decided up front or learnt once)
         norms = exact_norms(batch_stats)
         if chosen == "loop":
             return _loop(fn, params, task_batches, n, norms)
@@ -184,10 +215,185 @@ def map_tasks(
             randomness=randomness,
             chunk_size=chunk_size if chosen == "chunked" else None,
         )
-        return mapped(params, *task_batches)
+        def run_vmap() -> Any:
+            return _explain_vmap_errors(lambda: mapped(params, *task_batches), strategy)
+
+        if strategy != "auto" or torch.compiler.is_compiling():
+            return run_vmap()
+
+        def run_loop() -> Any:
+            return _loop(fn, params, task_batches, n, exact_norms(batch_stats))
+
+        return vmap_or_loop(fn, run_vmap, run_loop, [params, task_batches])
 
     run.__doc__ = f"map_tasks({getattr(fn, '__name__', 'fn')}): call as f(params, *task_batches)."
     return run
+
+
+class VmapFallbackWarning(UserWarning):
+    """``map_tasks(strategy="auto")`` ran a function with the loop: vmap cannot run one of its ops.
+
+    Warned once per function; later calls go straight to the loop. Pass
+    ``strategy="loop"`` to choose the loop yourself (and silence it).
+
+    Example:
+        >>> import warnings, fparams
+        >>> with warnings.catch_warnings():  # where a silent loop would be too slow: an error
+        ...     warnings.simplefilter("error", fparams.VmapFallbackWarning)
+        >>> issubclass(fparams.VmapFallbackWarning, UserWarning)
+        True
+    """
+
+
+# Functions vmap could not run (fn -> the op), and functions it ran once: the
+# first vmap call of a function under "auto" is guarded (see vmap_or_loop).
+_VMAP_FAILED: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_VMAP_RAN: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+#: Parameter names of layers that vmap cannot run (torch 2.13): the recurrent
+#: layers' fused kernels (``aten::gru.input``, ``lstm``, ``rnn_tanh``) and
+#: ``torch.nn.utils.spectral_norm``, whose power iteration writes in place
+#: (``aten::div.out``). ``"auto"`` loops over such functions from the start.
+UNBATCHABLE_PARAM = re.compile(r"(^|\.)(weight_(ih|hh)_l\d+(_reverse)?|weight_orig)$")
+
+
+def _remember(table: weakref.WeakKeyDictionary[Any, Any], fn: Any, value: Any) -> None:
+    try:
+        table[fn] = value
+    except TypeError:  # not weak-referenceable (a builtin): nothing is remembered
+        pass
+
+
+def _vmap_ran(fn: Any) -> bool:
+    try:
+        return fn in _VMAP_RAN
+    except TypeError:
+        return False
+
+
+def _loop_only(fn: Any, params: Any) -> Optional[str]:
+    """Why vmap cannot run ``fn`` (a parameter name or a failed op), or None."""
+    if torch.compiler.is_compiling():
+        return None  # the compiled step keeps the plain strategy rules
+    try:
+        failed = _VMAP_FAILED.get(fn)
+    except TypeError:
+        failed = None
+    if failed is not None:
+        return failed
+    if isinstance(params, Mapping):
+        for name in params:
+            if isinstance(name, str) and UNBATCHABLE_PARAM.search(name):
+                return name
+    return None
+
+
+_RANDOM_ERROR = "called random operation while in randomness error mode"
+
+
+def _unbatchable_op(err: BaseException) -> Optional[str]:
+    """The op a vmap error names, where the error says vmap cannot run it (the loop can)."""
+    text = str(err)
+    if "Batching rule not implemented" in text or "fallback path doesn't work" in text:
+        found = re.search(r"aten::\w+(\.\w+)?", text)
+        return found.group(0) if found else "an op without a batching rule"
+    if "calling .item() on a Tensor" in text:
+        return ".item() or data-dependent control flow"
+    if "batching operators that can output dynamic shape" in text:
+        return "an op whose output shape depends on the data"
+    if "doesn't match the broadcast shape" in text:  # e.g. a fused RNN kernel's decomposition under grad
+        return "an in-place op whose output has no task dimension"
+    return None
+
+
+def _randomness_error(err: BaseException) -> ValueError:
+    return ValueError(
+        "fparams.map_tasks: the task function calls a random op (dropout, torch.rand, ...) "
+        "under vmap with randomness='error' (the default). Choose how tasks draw: "
+        "map_tasks(..., randomness='different') draws independently per task, "
+        "map_tasks(..., randomness='same') draws once for all tasks (the same options exist on "
+        "fparams.meta_value_and_grad). strategy='loop' runs the tasks one by one, each drawing "
+        "in turn from the global generator, so its numbers differ from vmap's."
+    )
+
+
+def _vmap_error(op: str, strategy: str, err: BaseException) -> RuntimeError:
+    also = "" if strategy == "auto" else ", or strategy='auto', which falls back to the loop"
+    return RuntimeError(
+        f"fparams.map_tasks: vmap cannot run {op}, so strategy={strategy!r} fails on this "
+        f"function. Use map_tasks(..., strategy='loop'), "
+        f"which runs one task at a time{also}. "
+        f"torch said: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    )
+
+
+def _explain_vmap_errors(call: Callable[[], Any], strategy: str) -> Any:
+    """``call()``, a vmap over tasks, with vmap's errors for random ops and missing rules explained."""
+    try:
+        return call()
+    except RuntimeError as err:
+        if _RANDOM_ERROR in str(err):
+            raise _randomness_error(err) from err
+        op = _unbatchable_op(err)
+        if op is None:
+            raise
+        raise _vmap_error(op, strategy, err) from err
+
+
+def vmap_or_loop(
+    fn: Callable[..., Any],
+    run_vmap: Callable[[], Any],
+    run_loop: Callable[[], Any],
+    given: Any,
+    stacklevel: int = 3,
+) -> Any:
+    """``"auto"``: ``run_vmap()``; on an op vmap cannot run, ``run_loop()``, warned once per ``fn``.
+
+    ``run_vmap`` raises the errors of :func:`_explain_vmap_errors`; ``given``
+    holds the call's arguments (a pytree).
+
+    vmap may have changed a task argument in place (per-task BatchNorm
+    statistics) before it reached that op. On the first call of ``fn`` every
+    tensor the call was given is copied first, and any that changed gets its
+    value back before the loop runs, so the loop starts from the same state
+    as a plain loop would. Once vmap has run ``fn``, only the tensors' version
+    counters are kept: where one changed, the loop would apply that change
+    twice, so the call raises instead. State the function captures instead of
+    taking as an argument is not restored (BatchNorm statistics shared by all
+    tasks are refused by vmap before they change).
+    """
+    tensors = [t for t in pytree.tree_leaves(given) if isinstance(t, Tensor)]
+    first = not _vmap_ran(fn)
+    saved = [(t, t._version, t.detach().clone() if first else None) for t in tensors]
+    try:
+        out = run_vmap()
+    except RuntimeError as err:
+        op = _unbatchable_op(err.__cause__) if err.__cause__ is not None else None
+        if op is None:
+            raise
+        changed = [(t, copy) for t, version, copy in saved if t._version != version]
+        if changed and not first:
+            raise RuntimeError(
+                f"fparams.map_tasks: vmap cannot run {op}, and before it failed it had changed "
+                f"{len(changed)} of the tensors given to the call in place, so running the loop now "
+                f"would apply those changes twice. Use map_tasks(..., strategy='loop') for this function."
+            ) from err
+        with torch.no_grad():
+            for t, copy in changed:
+                assert copy is not None  # copied on the first call, the only one that gets here
+                t.copy_(copy)
+        _remember(_VMAP_FAILED, fn, op)
+        name = getattr(fn, "__name__", type(fn).__name__)
+        warnings.warn(
+            f"fparams.map_tasks: vmap cannot run {op}, so strategy='auto' runs {name} with the loop "
+            f"from now on (same numbers, one task at a time). Pass strategy='loop' to choose it "
+            f"yourself.",
+            VmapFallbackWarning,
+            stacklevel=stacklevel,
+        )
+        return run_loop()
+    _remember(_VMAP_RAN, fn, True)
+    return out
 
 
 def _resolve(
@@ -227,6 +433,94 @@ def _each_task(mode: exact_norms, run: Callable[[int], Any], n: int) -> List[Any
                 break
     outputs.extend(run(i) for i in rest)
     return outputs
+
+
+def _run_task_list(
+    fn: Callable[..., Any],
+    params: Any,
+    task_batches: Sequence[Any],
+    tasks: Sequence[Any],
+    strategy: str,
+    batch_stats: bool,
+) -> Any:
+    """``f(params, tasks=[(xs0, ys0), ...])``: one tuple of arguments per task, run by the loop."""
+    where = "fparams.map_tasks"
+    if task_batches:
+        raise TypeError(
+            f"{where}: pass the tasks either as batches, f(params, *task_batches), or as a list of "
+            f"per-task tuples, f(params, tasks=[...]); got both."
+        )
+    if isinstance(tasks, (Tensor, Mapping)) or not isinstance(tasks, (list, tuple)):
+        raise TypeError(
+            f"{where}: `tasks` must be a list with one tuple of arguments per task, e.g. "
+            f"[(xs0, ys0), (xs1, ys1)]; got {type(tasks).__name__}."
+        )
+    if not tasks:
+        raise ValueError(f"{where}: `tasks` is empty, so there are no tasks to map over.")
+    for i, args in enumerate(tasks):
+        if not isinstance(args, tuple):
+            raise TypeError(
+                f"{where}: `tasks[{i}]` must be a tuple of that task's arguments (fn(params, *tasks[{i}])); "
+                f"got {type(args).__name__}. Wrap a single argument as (x,)."
+            )
+    if strategy in ("vmap", "chunked"):
+        raise ValueError(
+            f"{where}: a list of per-task tuples (`tasks=`) runs with the loop, since tasks of "
+            f"different sizes cannot be stacked; got strategy={strategy!r}. Use strategy='auto' or "
+            f"'loop', or pad the tasks with fparams.pad_tasks for vmap."
+        )
+    return _stack(_each_task(exact_norms(batch_stats), lambda i: fn(params, *tasks[i]), len(tasks)))
+
+
+def pad_tasks(tensors: Sequence[Tensor], value: float = 0.0) -> Tuple[Tensor, Tensor]:
+    """Stack tasks of different sizes: pad dim 0 of each to the largest, and say which rows are real.
+
+    Returns ``(batch, mask)``: ``batch[i, :n_i]`` is ``tensors[i]`` (``n_i``
+    rows), the rest is ``value``; ``mask`` is a bool tensor of shape
+    ``(num_tasks, max_rows)``, True on real rows. Pass both as task arguments
+    to :func:`map_tasks` (vmap) and mask the loss, e.g.
+    ``(err.pow(2).sum(-1) * m).sum() / m.sum()``, which equals each task's mean
+    over its own rows (keep ``value`` finite: ``0 * nan`` is nan, and the
+    padded rows still run through the network). Layers that mix rows (BatchNorm in train mode) would
+    see the padding: use the per-task form ``f(params, tasks=[...])`` for them.
+
+    Example:
+        >>> import torch, fparams
+        >>> batch, mask = fparams.pad_tasks([torch.ones(2, 3), torch.ones(4, 3)])
+        >>> batch.shape, mask.sum(1).tolist()
+        (torch.Size([2, 4, 3]), [2, 4])
+    """
+    where = "fparams.pad_tasks"
+    if isinstance(tensors, Tensor) or not isinstance(tensors, (list, tuple)):
+        raise TypeError(
+            f"{where}: `tensors` must be a list with one tensor per task (rows on dim 0); "
+            f"got {type(tensors).__name__}."
+        )
+    if not tensors:
+        raise ValueError(f"{where}: `tensors` is empty; give one tensor per task.")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{where}: `tensors[{i}]` is a {type(t).__name__}, not a tensor.")
+        if t.dim() == 0:
+            raise ValueError(f"{where}: `tensors[{i}]` is 0-dim; each task needs its rows on dim 0.")
+    first = tensors[0]
+    bad = [
+        f"tensors[{i}]: {tuple(t.shape)} {t.dtype} {t.device}"
+        for i, t in enumerate(tensors)
+        if t.shape[1:] != first.shape[1:] or t.dtype != first.dtype or t.device != first.device
+    ]
+    if bad:
+        raise ValueError(
+            f"{where}: the tasks may differ only in their number of rows (dim 0); tensors[0] is "
+            f"{tuple(first.shape)} {first.dtype} {first.device}, but " + ", ".join(bad) + "."
+        )
+    rows = max(t.size(0) for t in tensors)
+    batch = first.new_full((len(tensors), rows, *first.shape[1:]), value)
+    mask = torch.zeros(len(tensors), rows, dtype=torch.bool, device=first.device)
+    for i, t in enumerate(tensors):
+        batch[i, : t.size(0)] = t
+        mask[i, : t.size(0)] = True
+    return batch, mask
 
 
 def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
@@ -414,6 +708,34 @@ def _by_chunks(
     where = "fparams.meta_value_and_grad"
     n = _num_tasks(where, task_batches)
     chosen = _resolve(options.strategy, options.chunk_size, options.randomness, task_batches, n)
+    strategy = options.strategy
+    if strategy == "auto" and chosen != "loop" and _loop_only(task_fn, pytree.tree_unflatten(flat, spec)):
+        chosen = "loop"  # vmap cannot run this function (decided up front or learnt once), as in map_tasks
+
+    def run(how: str) -> Any:
+        return _chunk_grads(task_fn, has_aux, flat, spec, task_batches, options, n, how)
+
+    if chosen == "loop":
+        return run("loop")
+
+    def run_vmap() -> Any:
+        return _explain_vmap_errors(lambda: run(chosen), strategy)
+
+    if strategy != "auto":
+        return run_vmap()
+    return vmap_or_loop(task_fn, run_vmap, lambda: run("loop"), [flat, list(task_batches)], stacklevel=4)
+
+
+def _chunk_grads(
+    task_fn: Callable[..., Any],
+    has_aux: bool,
+    flat: List[Tensor],
+    spec: Any,
+    task_batches: Sequence[Any],
+    options: _Options,
+    n: int,
+    chosen: str,
+) -> Any:
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
     check = torch.is_grad_enabled() and not keep  # for captured tensors that require grad
     total: List[Optional[Tensor]] = [None] * len(flat)

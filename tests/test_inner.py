@@ -182,7 +182,7 @@ def test_bad_steps(steps: Any) -> None:
         fparams.adapt(mse, params, *support, lr=0.1, steps=steps)
 
 
-@pytest.mark.parametrize("lr", ["0.1", None, True, [0.1], object()])
+@pytest.mark.parametrize("lr", ["0.1", None, True, {0.1}, object()])  # [0.1]: one rate per step
 def test_bad_lr_type(lr: Any) -> None:
     mse, params, support, _ = _setup()
     with pytest.raises(TypeError, match=r"fparams\.adapt: `lr` must be a number, a tensor, a dict"):

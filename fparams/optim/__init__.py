@@ -22,7 +22,7 @@ Example:
     tensor(-14.3107)
 """
 
-from ._alias import adam, adamw, rmsprop, sgd
+from ._alias import adam, adamw, higher_adam, rmsprop, sgd
 from ._base import EmptyState, GradientTransformation, Hyper, InitFn, OptState, UpdateFn
 from ._transforms import (
     ScaleByAdamState,
@@ -50,6 +50,7 @@ __all__ = [
     "adamw",
     "add_decayed_weights",
     "chain",
+    "higher_adam",
     "rmsprop",
     "scale_by_adam",
     "scale_by_learning_rate",

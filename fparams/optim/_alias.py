@@ -7,13 +7,31 @@ momentum or beta); numbers are checked here, tensors are used as they are.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
+import torch
 from torch import Tensor
 
-from .._types import LR
-from ._base import GradientTransformation, Hyper, check_betas, check_flag, check_hyper, check_lr, is_nonzero
+from .._transforms import map_params, zeros_like
+from .._types import LR, TensorDict, Updates
+from ._base import (
+    GradientTransformation,
+    Hyper,
+    bias_correction,
+    check_betas,
+    check_flag,
+    check_grads,
+    check_hyper,
+    check_lr,
+    check_state,
+    ema,
+    ema_square,
+    init_step,
+    is_nonzero,
+    safe_sqrt,
+)
 from ._transforms import (
+    ScaleByAdamState,
     add_decayed_weights,
     chain,
     scale_by_adam,
@@ -157,4 +175,71 @@ def rmsprop(
     if is_nonzero(momentum):
         parts.append(trace(momentum))
     parts.append(scale_by_learning_rate(lr))
+    return chain(*parts)
+
+
+def higher_adam(
+    lr: LR = 1e-3,
+    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
+    eps: Hyper = 1e-8,
+    weight_decay: Hyper = 0.0,
+    amsgrad: bool = False,
+) -> GradientTransformation:
+    """Adam exactly as ``higher``'s differentiable Adam (higher 0.2.1, the release on PyPI).
+
+    higher adds ``eps`` before the bias correction, the formula of torch
+    before 1.6::
+
+        p - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps)
+
+    that is ``m_hat / ((sqrt(v) + eps) / sqrt(1 - beta2**t))``, where
+    :func:`adam` (``torch.optim.Adam`` today) computes ``m_hat / (sqrt(v_hat) + eps)``.
+    Early on, ``eps`` is then effectively ``eps / sqrt(1 - beta2**t)``, about
+    30x larger at step 1, which changes meta-gradients where ``v`` is small
+    (BatchNorm, rarely used weights). Use it to reproduce results obtained with
+    ``higher.innerloop_ctx`` and ``torch.optim.Adam``; ``weight_decay`` is L2
+    (added to the gradient), and the square root's gradient is 0 where ``v``
+    is 0, as higher's mask makes it. (higher's unreleased master branch has
+    the torch >= 1.6 formula, which is :func:`adam`.)
+
+    Example:
+        >>> import torch, fparams.optim
+        >>> opt = fparams.optim.higher_adam(lr=0.1, eps=0.1)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> updates, state = opt.update({"w": torch.tensor([0.1])}, opt.init(params), params)
+        >>> updates["w"]  # -0.1 * sqrt(0.001) / 0.1 * 0.01 / (sqrt(1e-5) + 0.1)
+        tensor([-0.0031])
+    """
+    where = "fparams.optim.higher_adam"
+    check_lr(where, lr)
+    beta1, beta2 = check_betas(where, betas)
+    check_hyper(where, "eps", eps)
+    check_hyper(where, "weight_decay", weight_decay)
+    check_flag(where, "amsgrad", amsgrad)
+
+    def init(params: TensorDict) -> ScaleByAdamState:
+        nu_max = zeros_like(params) if amsgrad else {}
+        return ScaleByAdamState(init_step(params), zeros_like(params), zeros_like(params), nu_max)
+
+    def update(
+        grads: TensorDict, state: ScaleByAdamState, params: Optional[TensorDict] = None
+    ) -> Tuple[Updates, ScaleByAdamState]:
+        check_state(where, state, ScaleByAdamState)
+        check_grads(where, grads, state.mu)
+        step = state.step + 1
+        mu = map_params(lambda g, m: ema(m, g, beta1), grads, state.mu)
+        nu = map_params(lambda g, v: ema_square(v, g, beta2), grads, state.nu)
+        nu_max = map_params(torch.maximum, state.nu_max, nu) if amsgrad else {}
+        scale = bias_correction(beta2, step).sqrt() / bias_correction(beta1, step)
+
+        def direction(m: Tensor, v: Tensor) -> Tensor:
+            return scale * m / (safe_sqrt(v) + eps)
+
+        updates = map_params(direction, mu, nu_max if amsgrad else nu)
+        return updates, ScaleByAdamState(step, mu, nu, nu_max)
+
+    parts: List[GradientTransformation] = []
+    if is_nonzero(weight_decay):
+        parts.append(add_decayed_weights(weight_decay))
+    parts += [GradientTransformation(init, update), scale_by_learning_rate(lr)]
     return chain(*parts)
