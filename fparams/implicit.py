@@ -21,8 +21,11 @@ evaluations of ``F``, however many steps the solver took.
   condition of a proximally regularised task loss.
 
 All of it composes with ``torch.func.vmap`` (:func:`fparams.map_tasks`),
-``torch.func.grad`` and ``.backward()``. The implicit gradient is first
-order: differentiating it again raises an error.
+``torch.func.grad`` and ``.backward()`` (reverse mode; forward mode,
+``torch.func.jvp`` / ``jacfwd``, is not implemented). The backward pass is
+itself made of differentiable torch operations, so second derivatives
+(``create_graph=True``, ``grad`` of ``grad``) differentiate the linear
+solve: they are exact up to the solver's tolerance.
 
 Example:
     >>> import torch, fparams
@@ -46,7 +49,6 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Unio
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils import _pytree as pytree
 
 from ._inner import adapt as _unrolled_adapt
@@ -472,7 +474,6 @@ class _ImplicitFunction(torch.autograd.Function):
             ctx.mark_non_differentiable(*output[call.num_sol :])
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *cotangents: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
         call: _Call = ctx.call
         saved = ctx.saved_tensors
@@ -571,8 +572,9 @@ def custom_root(
     ``solver`` capture from outside also receive none: pass them in ``args``.
 
     It works under ``.backward()``, ``torch.func.grad`` and ``torch.func.vmap``
-    (one solve per task: :func:`fparams.map_tasks`). The gradient is first
-    order: differentiating it again raises an error.
+    (one solve per task: :func:`fparams.map_tasks`); second derivatives
+    differentiate the linear solve (accurate to its tolerance). Forward mode
+    (``torch.func.jvp``) is not implemented.
 
     Args:
         optimality_fn: ``optimality_fn(sol, *args)``, zero at the solution.
