@@ -383,6 +383,17 @@ def test_solver_reprs_show_their_settings() -> None:
     assert repr(implicit.cg(maxiter=5, tol=1e-3)) == "cg(maxiter=5, tol=0.001)"
     assert repr(implicit.normal_cg()) == "normal_cg(maxiter=100, tol=1e-06)"
     assert repr(implicit.neumann(steps=3, alpha=0.5)) == "neumann(steps=3, alpha=0.5)"
+    assert repr(implicit.cg(strict=False)) == "cg(maxiter=100, tol=1e-06, strict=False)"
+
+
+def test_strict_false_returns_the_last_iterate_without_raising() -> None:
+    A = _spd(6)
+    b = torch.ones(6, dtype=D)
+    x = implicit.cg(maxiter=2, tol=1e-10, strict=False)(lambda v: A @ v, b)
+    assert 0 < _rel(A @ x, b) < 1  # better than zero, not converged
+    indefinite = torch.diag(torch.tensor([1.0, -1.0], dtype=D))
+    x = implicit.cg(maxiter=2, strict=False)(lambda v: indefinite @ v, torch.tensor([1.0, 0.5], dtype=D))
+    torch.testing.assert_close(x, torch.tensor([1.0, -0.5], dtype=D))  # 2 steps solve a 2x2 system
 
 
 # --------------------------------------------------------------------------
@@ -463,6 +474,11 @@ BAD_SOLVER_ARGS = [
         r"fparams\.implicit\.cg: `tol` must be a positive number; got str",
     ),
     (lambda: implicit.normal_cg(maxiter=-1), ValueError, r"fparams\.implicit\.normal_cg: `maxiter`"),
+    (
+        lambda: implicit.cg(strict=None),
+        TypeError,
+        r"fparams\.implicit\.cg: `strict` must be a bool; got NoneType",
+    ),
     (
         lambda: implicit.neumann(steps=0),
         ValueError,
