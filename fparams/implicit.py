@@ -180,7 +180,8 @@ class LinearSolver:
         self.options = options
         self._run = run
 
-    def __call__(self, matvec: Callable[[Any], Any], b: Tree) -> Tree:
+    def __call__(self, matvec: Callable[[Any], Any], b: Tree, *, symmetric: bool = False) -> Tree:
+        """Solve ``matvec(x) = b``; ``symmetric=True`` says that the operator is its own transpose."""
         where = f"fparams.implicit.{self.name}"
         if not callable(matvec):
             raise TypeError(f"{where}: `matvec` must be a callable x -> A x; got {type(matvec).__name__}.")
@@ -198,7 +199,7 @@ class LinearSolver:
                 )
             return got
 
-        x = self._run(where, dict_matvec, rhs, **self.options)
+        x = self._run(where, dict_matvec, rhs, symmetric=symmetric, **self.options)
         return x[""] if single else x
 
     def __repr__(self) -> str:
@@ -261,23 +262,31 @@ _CG_FIX = (
 )
 
 
-def _cg(where: str, matvec: MatVec, b: Params, maxiter: int, tol: float, strict: bool) -> Params:
+def _cg(
+    where: str, matvec: MatVec, b: Params, maxiter: int, tol: float, strict: bool, symmetric: bool
+) -> Params:
     return _cg_run(where, matvec, b, maxiter, tol, strict, _CG_FIX)
 
 
-def _normal_cg(where: str, matvec: MatVec, b: Params, maxiter: int, tol: float, strict: bool) -> Params:
-    # A x = b through A^T A x = A^T b. A^T comes from a vjp of the linear matvec
-    # (at zero: the point does not matter for a linear map).
-    transpose = torch.func.vjp(matvec, {k: torch.zeros_like(t) for k, t in b.items()})[1]
+def _normal_cg(
+    where: str, matvec: MatVec, b: Params, maxiter: int, tol: float, strict: bool, symmetric: bool
+) -> Params:
+    # A x = b through A^T A x = A^T b. A^T is A itself where the caller says
+    # so (a Hessian), else a vjp of the linear matvec (at zero: the point does
+    # not matter for a linear map).
+    if symmetric:
+        rmatvec = matvec
+    else:
+        transpose = torch.func.vjp(matvec, {k: torch.zeros_like(t) for k, t in b.items()})[1]
 
-    def rmatvec(y: Params) -> Params:
-        return transpose(y)[0]
+        def rmatvec(y: Params) -> Params:
+            return transpose(y)[0]
 
     fix = "The system may be singular: check the optimality condition."
     return _cg_run(where, lambda x: rmatvec(matvec(x)), rmatvec(b), maxiter, tol, strict, fix)
 
 
-def _neumann(where: str, matvec: MatVec, b: Params, steps: int, alpha: float) -> Params:
+def _neumann(where: str, matvec: MatVec, b: Params, steps: int, alpha: float, symmetric: bool) -> Params:
     # A^{-1} b = alpha * sum_k (I - alpha A)^k b, for ||I - alpha A|| < 1.
     term = dict(b)
     total = dict(b)
@@ -418,6 +427,7 @@ class _Call:
         leaves: List[Any],
         spec: Any,
         tensor_at: List[int],
+        symmetric: bool,
     ) -> None:
         self.solver = solver
         self.optimality_fn = optimality_fn
@@ -426,6 +436,7 @@ class _Call:
         self.leaves = leaves  # of (init, args), tensors replaced at tensor_at
         self.spec = spec
         self.tensor_at = tensor_at
+        self.symmetric = symmetric  # dF/d sol is symmetric (F is a gradient)
         self.sol_spec: Any = None
         self.num_sol = 0
         self.aux_spec: Any = None
@@ -560,7 +571,10 @@ def _adjoint(call: _Call, fn: Callable[[Any], List[Tensor]], sol: Any, v: List[T
         (back,) = vjp_sol([u[str(i)] for i in range(len(v))])
         return {str(i): t for i, t in enumerate(pytree.tree_leaves(back))}
 
-    return call.solve(matvec, {str(i): t for i, t in enumerate(v)})
+    b = {str(i): t for i, t in enumerate(v)}
+    if isinstance(call.solve, LinearSolver):
+        return call.solve(matvec, b, symmetric=call.symmetric)
+    return call.solve(matvec, b)
 
 
 def _check_residual(out: Any, sol: Any, sol_spec: Any) -> List[Tensor]:
@@ -653,7 +667,12 @@ def custom_root(
         )
     if not isinstance(has_aux, bool):
         raise TypeError(f"{_WHERE}: `has_aux` must be a bool; got {type(has_aux).__name__}.")
-    linear_solve = cg() if solve is None else solve
+    return _root_decorator(optimality_fn, cg() if solve is None else solve, has_aux, symmetric=False)
+
+
+def _root_decorator(
+    optimality_fn: Callable[..., Any], linear_solve: Callable[..., Any], has_aux: bool, symmetric: bool
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
     def decorator(solver: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(solver):
@@ -665,7 +684,7 @@ def custom_root(
             leaves, spec = pytree.tree_flatten((init, args))
             tensor_at = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
             others = [None if isinstance(t, Tensor) else t for t in leaves]
-            call = _Call(solver, optimality_fn, linear_solve, has_aux, others, spec, tensor_at)
+            call = _Call(solver, optimality_fn, linear_solve, has_aux, others, spec, tensor_at, symmetric)
             outs = _ImplicitFunction.apply(call, *(leaves[i] for i in tensor_at))
             sol = pytree.tree_unflatten(list(outs[: call.num_sol]), call.sol_spec)
             if not has_aux:
@@ -797,6 +816,7 @@ def adapt(
             lambda phi, *b: prox(phi, anchor, lam_, *b), init, *a, lr=lr, steps=steps, first_order=True
         )
 
-    root = custom_root(optimality, solve=solve)(solver)
+    # the optimality condition is a gradient: its Jacobian (a Hessian) is symmetric
+    root = _root_decorator(optimality, cg() if solve is None else solve, False, symmetric=True)(solver)
     adapted = root({k: t.detach() for k, t in trainable.items()}, trainable, lam, frozen, *args)
     return {k: adapted[k] if k in adapted else frozen[k] for k in params}
