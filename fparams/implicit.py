@@ -53,6 +53,7 @@ from torch.utils import _pytree as pytree
 
 from ._inner import adapt as _unrolled_adapt
 from ._inner import is_optimizer
+from ._norms import innermost_exact_norms
 from ._transforms import partition
 from ._types import LR, Filter, Params, TensorDict
 
@@ -806,8 +807,17 @@ def adapt(
     if not trainable:
         raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")
 
+    # Under map_tasks the backward's Hessian-vector products run after the
+    # call has returned; they re-enter its exact_norms mode, so normalization
+    # layers are differentiated there in the formulation that map_tasks made
+    # exact under vmap (fparams/_norms.py). tests/test_implicit.py checks
+    # vmap against the loop with BatchNorm; that test also passed without
+    # this, so it is a precaution, not a measured fix.
+    norms = innermost_exact_norms()
+    backward_loss = loss_fn if norms is None else norms.around(loss_fn)
+
     def optimality(phi: Params, anchor: Params, lam_: Any, frozen_: Params, *a: Any) -> Params:
-        grads: Params = torch.func.grad(_proximal(loss_fn, frozen_))(phi, anchor, lam_, *a)
+        grads: Params = torch.func.grad(_proximal(backward_loss, frozen_))(phi, anchor, lam_, *a)
         return grads
 
     def solver(init: Params, anchor: Params, lam_: Any, frozen_: Params, *a: Any) -> Params:
