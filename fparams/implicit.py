@@ -82,7 +82,7 @@ except (ImportError, AttributeError):  # pragma: no cover - depends on the torch
 
 
 class NotConvergedError(RuntimeError):
-    """A linear solver of :mod:`fparams.implicit` did not reach its tolerance.
+    """A linear solver of :mod:`fparams.implicit` did not converge, or cannot on this system.
 
     The message names the solver, the residual it reached and what to change.
 

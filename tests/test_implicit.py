@@ -623,3 +623,10 @@ def test_imaml_with_batchnorm_vmap_equals_loop() -> None:
     flat = {s: torch.cat([g.flatten() for g in grads[s].values()]) for s in grads}
     assert grads["loop"]["0.bias"].abs().max() < 1e-10  # BatchNorm cancels it
     assert _rel(flat["vmap"], flat["loop"]) < 1e-7
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    result = doctest.testmod(implicit, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 10 and result.failed == 0
