@@ -42,7 +42,7 @@ measures the real step: ``peak MB`` is its VmHWM, ``base MB`` the resident
 memory just before it (torch, the model, the data), ``step MB`` the
 difference.
 
-Run ``python benchmarks/bench_implicit.py`` (about a minute on a 2-core CPU),
+Run ``python benchmarks/bench_implicit.py`` (about three minutes on a 2-core CPU),
 ``--part torchopt|memory|all``, ``--threads N``, ``--clock cpu``, or
 ``--quick`` for a smoke run on tiny sizes.
 """
