@@ -579,6 +579,8 @@ def _adjoint(call: _Call, fn: Callable[[Any], List[Tensor]], sol: Any, v: List[T
 
 
 def _check_residual(out: Any, sol: Any, sol_spec: Any) -> List[Tensor]:
+    if isinstance(out, Mapping) and isinstance(sol, Mapping) and set(out) == set(sol):
+        out = {k: out[k] for k in sol}  # the solution's key order
     leaves, spec = pytree.tree_flatten(out if not isinstance(out, Mapping) else dict(out))
     if spec != sol_spec or not all(isinstance(t, Tensor) for t in leaves):
         raise ValueError(

@@ -96,7 +96,11 @@ def test_dict_solution_and_nested_dict_arguments() -> None:
             w = {k: w[k] - 0.02 * g[k] for k in w}
         return w
 
-    root = implicit.custom_root(grad_f, solve=TIGHT)(solver)
+    def grad_f_reordered(w: Dict[str, Tensor], hyper: Dict[str, Tensor], data: Dict[str, Tensor]):
+        g = grad_f(w, hyper, data)
+        return {"b": g["b"], "a": g["a"]}  # keys in another order than the solution's
+
+    root = implicit.custom_root(grad_f_reordered, solve=TIGHT)(solver)
     lam = torch.tensor(0.5, dtype=D, requires_grad=True)
     init = {"a": torch.zeros(DIM, dtype=D), "b": torch.zeros((), dtype=D)}
     w = root(init, {"lam": lam}, {"X": X, "y": y})
