@@ -265,12 +265,17 @@ def test_imaml_over_tasks_every_strategy_matches_the_closed_form_loop(strategy: 
         assert _rel(g, r) < 1e-5
 
 
-def test_imaml_vmap_equals_loop() -> None:
+@pytest.mark.parametrize("filter", [None, "w"])
+def test_imaml_vmap_equals_loop(filter: Any) -> None:
     batches = _tasks(4, seed=5)
     params = _params(5)
+
+    def imaml(p: Dict[str, Tensor], X: Tensor, y: Tensor, lam: Any) -> Dict[str, Tensor]:
+        return _imaml(p, X, y, lam, filter=filter)
+
     out = {}
     for strategy in ("vmap", "loop"):
-        step = fparams.meta_value_and_grad(_meta_loss(_imaml, 0.8), strategy=strategy)
+        step = fparams.meta_value_and_grad(_meta_loss(imaml, 0.8), strategy=strategy)
         out[strategy] = step(params, *batches)
     torch.testing.assert_close(out["vmap"][0], out["loop"][0], rtol=1e-12, atol=0)
     for k in params:
@@ -319,6 +324,22 @@ def test_imaml_with_an_optimizer_converges_to_the_same_solution() -> None:
     ref = _imaml_closed(params, Xs, ys, 1.0)
     for k in ref:
         torch.testing.assert_close(phi[k], ref[k], rtol=1e-8, atol=1e-10)
+
+
+def test_imaml_with_per_parameter_rates_and_a_neumann_solve() -> None:
+    batch = [t[0] for t in _tasks(1, seed=11)]
+    params = {k: t.requires_grad_() for k, t in _params(11).items()}
+    rates = {"w": torch.tensor(0.4, dtype=D), "b": torch.tensor(0.2, dtype=D)}
+    solve = implicit.neumann(steps=300, alpha=0.3)
+
+    def imaml(p: Dict[str, Tensor], X: Tensor, y: Tensor, lam: Any) -> Dict[str, Tensor]:
+        return implicit.adapt(_mse, p, X, y, lam=lam, lr=rates, steps=300, solve=solve)
+
+    _meta_loss(imaml, 1.0)(params, *batch).backward()
+    ref = {k: t.detach().clone().requires_grad_() for k, t in params.items()}
+    _meta_loss(_imaml_closed, 1.0)(ref, *batch).backward()
+    for k in params:
+        assert _rel(params[k].grad, ref[k].grad) < 1e-5, k
 
 
 def test_imaml_gradcheck() -> None:
