@@ -7,6 +7,7 @@ dicts; cloning, detaching and updating are pure dict transforms run through
 
 # Submodules with names of their own: fparams.optim.adam, fparams.distributed.shard_tasks.
 from . import distributed as distributed
+from . import implicit as implicit
 from . import optim as optim
 from ._call import Architecture, split
 from ._compile import CompileFallbackWarning

@@ -29,10 +29,11 @@ LAYERS = {
     "_grads": 5,
     "_checkpoint": 5,
     "_inner": 6,
-    "_tasks": 7,
-    "_maml": 7,
-    "distributed": 8,
-    "demo": 9,
+    "implicit": 7,
+    "_tasks": 8,
+    "_maml": 8,
+    "distributed": 9,
+    "demo": 10,
 }
 
 
@@ -78,7 +79,7 @@ def test_lower_layers_never_import_higher_ones(path: pathlib.Path) -> None:
 
 def test_namespace_is_exactly_all() -> None:
     public = {name for name in vars(fparams) if not name.startswith("_")}
-    submodules = {"optim", "distributed", "demo"}
+    submodules = {"optim", "implicit", "distributed", "demo"}
     assert public - submodules - set(fparams.__all__) == set()
     assert not hasattr(fparams, "torch")
     for name in fparams.__all__:
