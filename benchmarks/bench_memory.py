@@ -36,7 +36,11 @@ must agree can be compared (float32: rounding differs between paths).
 
 Run ``python benchmarks/bench_memory.py`` (several minutes on 2 CPU cores),
 ``--steps 1 5 10 20 40``, ``--tasks 1 8 32``, ``--table steps|tasks|all``,
-or ``--quick`` for a smoke run on a tiny net. ``--row SPEC`` runs one row in
+or ``--quick`` for a smoke run on a tiny net. ``--time`` leaves memory out
+and times the chosen ``--paths`` interleaved in one process at the first
+``--steps`` and ``--tasks`` (process CPU time: the ratios hold while other
+processes share the cores), e.g. ``--time --steps 40 --paths adapt
+"adapt(checkpoint=True)"``. ``--row SPEC`` runs one row in
 this process and prints it as JSON (what the table rows call).
 """
 
@@ -58,6 +62,7 @@ from torch import Tensor, nn
 import fparams
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import CLOCKS, time_interleaved  # noqa: E402
 from bench_tasks import conv4, image_tasks  # noqa: E402
 
 STEP_PATHS = ("MAML class", "adapt", "adapt(checkpoint=True)")
@@ -158,6 +163,21 @@ def run_row(path: str, steps: int, tasks: int, quick: bool) -> Row:
     return Row(path, steps, tasks, _vm_hwm_mib() - before, seconds, grad_sq)
 
 
+def time_paths(names: Sequence[str], steps: int, tasks: int, args: argparse.Namespace) -> Dict[str, float]:
+    """Seconds per meta-step of each path, interleaved in this process (process CPU time)."""
+    torch.set_num_threads(1)
+    net, data = _setup(args.quick, tasks)
+    fns = {name: _meta_step(name, steps, net, data) for name in names}
+    seconds = time_interleaved(fns, args.repeats, 1, 0.0, CLOCKS["cpu"])
+    base = seconds[names[0]]
+    print(f"K = {steps}, T = {tasks}, CPU seconds per meta-step, interleaved; base: {names[0]}")
+    print("| path | s/step | vs base |")
+    print("|---|---|---|")
+    for name, t in seconds.items():
+        print(f"| {name} | {t:.2f} | {t / base:.2f}x |")
+    return seconds
+
+
 def _in_fresh_interpreter(path: str, steps: int, tasks: int, quick: bool, fixed_mmap: bool) -> Row:
     spec = json.dumps({"path": path, "steps": steps, "tasks": tasks, "quick": quick})
     env = dict(os.environ)
@@ -204,6 +224,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Row]]:
         action="store_true",
         help=f"run each row with MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} (see the module docstring)",
     )
+    parser.add_argument(
+        "--time",
+        action="store_true",
+        help="no memory: time the chosen paths interleaved in this process, at the first --steps "
+        "and --tasks (steadier ratios than one step per fresh process)",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="with --time: samples per path")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.row:
@@ -212,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, List[Row]]:
         return {}
     if args.quick:
         args.steps, args.tasks = [1, 3], [1, 3]
+    if args.time:
+        return {"time": [time_paths(args.paths or list(STEP_PATHS), args.steps[0], args.tasks[0], args)]}
     wanted = set(args.paths) if args.paths else None
     results: Dict[str, List[Row]] = {}
     if args.table in ("steps", "all"):
