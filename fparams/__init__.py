@@ -22,6 +22,7 @@ from ._module_api import (
     update_module,
 )
 from ._norms import exact_norms
+from ._summary import Summary, summary
 from ._tasks import map_tasks, meta_value_and_grad, stack_tasks
 from ._transforms import (
     apply_updates,
@@ -46,6 +47,7 @@ __all__ = [
     "Filter",
     "Grads",
     "Params",
+    "Summary",
     "Updates",
     "__version__",
     "adapt",
@@ -67,6 +69,7 @@ __all__ = [
     "sgd_step",
     "split",
     "stack_tasks",
+    "summary",
     "update_module",
     "zeros_like",
 ]
