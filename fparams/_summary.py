@@ -16,7 +16,7 @@ class Summary:
     ``rows`` holds one ``(name, shape, dtype, requires_grad, device)`` tuple of
     strings per tensor; ``numel`` and ``nbytes`` are the totals.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> table = fparams.summary({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
         >>> table.rows[0]
@@ -66,7 +66,7 @@ def summary(tensors: Mapping[str, Tensor]) -> Summary:
     A dict of tensors prints every value; this prints what you usually want to
     see. In Jupyter the result shows as an HTML table.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> _, params, _ = fparams.split(torch.nn.Linear(3, 2))
         >>> fparams.summary(params)

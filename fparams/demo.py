@@ -394,11 +394,13 @@ def run(
     globally: the figure is a :class:`matplotlib.figure.Figure`, so the
     notebook's matplotlib backend stays as it was.
 
-    Example::
+    Examples:
+        ``fparams.demo.run()`` in a notebook; here a short run without the bar:
 
-        result = fparams.demo.run(iterations=1000)
-        result.scores   # {0: 2.69..., 1: 0.78..., 10: 0.43...}
-        result.figure   # shows the plot in Jupyter
+        >>> import fparams.demo
+        >>> result = fparams.demo.run(iterations=2, tasks=4, progress=False)
+        >>> sorted(result.scores), type(result.figure).__name__
+        ([0, 1, 10], 'Figure')
     """
     from tqdm.auto import tqdm
 

@@ -35,7 +35,7 @@ def sgd(
     A hyperparameter that is the number 0 drops its transform; a tensor always
     keeps it (its value is never read).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.sgd(lr=0.1, momentum=0.9)
         >>> params = {"w": torch.ones(2)}
@@ -74,7 +74,7 @@ def adam(
 ) -> GradientTransformation:
     """``torch.optim.Adam`` as a pure update rule; ``weight_decay`` is L2 (added to the gradient).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adam(lr=0.1)
         >>> params = {"w": torch.tensor([1.0, -1.0])}
@@ -104,7 +104,7 @@ def adamw(
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam with decoupled weight decay ``-lr * weight_decay * p``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adamw(lr=0.1, weight_decay=0.5)
         >>> params = {"w": torch.tensor([2.0])}
@@ -135,7 +135,7 @@ def rmsprop(
 ) -> GradientTransformation:
     """``torch.optim.RMSprop`` as a pure update rule: L2 weight decay, centering, momentum.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.rmsprop(lr=0.01, alpha=0.0, eps=0.0)
         >>> params = {"w": torch.tensor([1.0])}
