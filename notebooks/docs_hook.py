@@ -7,12 +7,16 @@
   is (CI's notebook tests write them, ``FPARAMS_EXECUTED_NOTEBOOKS=docs/notebooks``);
   any other notebook is executed here, which takes a few minutes for all of
   them. A notebook that fails fails the build.
+- ``on_post_build``: MathJax for the notebooks' maths, copied into the site
+  from the ``jupyter-server-mathjax`` package (the docs extra), so that the
+  pages render formulas without fetching anything.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
@@ -60,3 +64,18 @@ def on_pre_build(config: Any) -> None:
         with tempfile.TemporaryDirectory() as cwd:
             nb = sync.execute(source, cwd=Path(cwd))
         nbformat.write(nb, target)
+
+
+def on_post_build(config: Any) -> None:
+    try:
+        import jupyter_server_mathjax
+    except ImportError:
+        from mkdocs.exceptions import PluginError
+
+        raise PluginError(
+            "the notebooks' maths need MathJax from jupyter-server-mathjax: pip install -e '.[docs]'"
+        ) from None
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    target = Path(config["site_dir"]) / "assets" / "mathjax"
+    unused = shutil.ignore_patterns("png", "*.otf", "*.eot")  # CommonHTML output reads the woff fonts
+    shutil.copytree(static, target, dirs_exist_ok=True, ignore=unused)
