@@ -35,8 +35,8 @@ mse = torch.nn.functional.mse_loss
 # With support set $(x_s, y_s)$, query set $(x_q, y_q)$ and inner rate $\alpha$, one MAML step
 # adapts the parameters $\theta$ and scores the result on the query set:
 #
-# $$\theta' = \theta - \alpha \nabla_\theta \mathcal{L}(\theta; x_s, y_s), \qquad
-#   \text{meta-loss} = \mathcal{L}(\theta'; x_q, y_q).$$
+# $$\theta_{\text{task}} = \theta - \alpha \nabla_\theta \mathcal{L}(\theta; x_s, y_s), \qquad
+#   \text{meta-loss} = \mathcal{L}(\theta_{\text{task}}; x_q, y_q).$$
 #
 # | module face (learn2learn) | functional face |
 # |---|---|
