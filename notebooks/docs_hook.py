@@ -7,6 +7,8 @@
   is (CI's notebook tests write them, ``FPARAMS_EXECUTED_NOTEBOOKS=docs/notebooks``);
   any other notebook is executed here, which takes a few minutes for all of
   them. A notebook that fails fails the build.
+- ``on_page_content``: the docstrings' Sphinx roles (``:func:`x```) read as
+  plain code in the API reference.
 - ``on_post_build``: MathJax for the notebooks' maths, copied into the site
   from the ``jupyter-server-mathjax`` package (the docs extra), so that the
   pages render formulas without fetching anything.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -64,6 +67,13 @@ def on_pre_build(config: Any) -> None:
         with tempfile.TemporaryDirectory() as cwd:
             nb = sync.execute(source, cwd=Path(cwd))
         nbformat.write(nb, target)
+
+
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):(<code>)")
+
+
+def on_page_content(html: str, **kwargs: Any) -> str:
+    return _ROLE.sub(r"\1", html)
 
 
 def on_post_build(config: Any) -> None:
