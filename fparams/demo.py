@@ -29,6 +29,7 @@ matplotlib and tqdm come with the ``demo`` extra: ``pip install 'fparams[demo]'`
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
@@ -333,13 +334,11 @@ def plot(
     A :class:`matplotlib.figure.Figure` made directly, without pyplot: the
     matplotlib backend (a notebook's inline one included) is left as it is.
     """
-    from matplotlib.figure import Figure
-
     shown = TaskBatch(*(t[:3] for t in batch))
     x = torch.linspace(*INPUT_RANGE, 200).unsqueeze(-1)
     truth = sine(x.expand(3, -1, -1), shown.amplitude, shown.phase)
     curves = {s: predict(arch, params, shown, lr, s, x) for s in (0, 1, 10)}
-    fig = Figure(figsize=(13, 3.8), layout="tight")
+    fig = _figure_class()(figsize=(13, 3.8), layout="tight")
     axes = fig.subplots(1, 3, sharey=True)
     for i, ax in enumerate(axes):
         ax.plot(x, truth[i], color="black", lw=2, label="true function")
@@ -358,6 +357,20 @@ def plot(
         f"{scores[1]:.2f} after 1 step, {scores[10]:.2f} after 10 steps"
     )
     return fig
+
+
+def _figure_class() -> type:
+    """``Figure`` that Jupyter shows as a PNG even where pyplot (and so its inline backend) was never
+    imported; where it was, IPython's formatter for figures draws it as usual."""
+    from matplotlib.figure import Figure
+
+    class ShownFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return ShownFigure
 
 
 class DemoResult(NamedTuple):

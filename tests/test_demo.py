@@ -52,6 +52,8 @@ def test_run_returns_scores_and_figure_and_keeps_the_backend(
     result = demo.run(iterations=3, tasks=4, progress=False)
     assert isinstance(result.figure, Figure)
     assert len(result.figure.axes) == 3
+    # Jupyter shows it as a PNG also where pyplot, and so the inline backend, was never imported.
+    assert result.figure._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(ax.get_title().startswith("held-out task: A=") for ax in result.figure.axes)
     assert len(result.losses) == 3 and result.seconds > 0
     printed = run_demo(capsys, TINY + ["--out", str(tmp_path / "a.png")])
