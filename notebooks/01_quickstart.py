@@ -177,11 +177,11 @@ def sine_mse(p, x, y):
     return mse(arch(p, x), y)
 
 
-def task_loss(p, xs, ys, xq, yq):
+def sine_task_loss(p, xs, ys, xq, yq):
     return sine_mse(fparams.adapt(sine_mse, p, xs, ys, lr=0.01), xq, yq)
 
 
-step = fparams.meta_value_and_grad(task_loss)  # mean over tasks, and its gradient
+step = fparams.meta_value_and_grad(sine_task_loss)  # mean over tasks, and its gradient
 generator = torch.Generator().manual_seed(0)
 vmap_losses = []
 start = time.perf_counter()

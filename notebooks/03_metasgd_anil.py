@@ -143,7 +143,9 @@ grads = torch.func.grad(lambda s: metasgd_loss(s, xs, ys, xq, yq))(
     {"params": params, "lrs": dict(zip(params, meta.lrs))}
 )
 class_agrees = all(
-    torch.allclose(p.grad, grads["params"][name], atol=1e-6)
+    p.grad is not None
+    and rate.grad is not None
+    and torch.allclose(p.grad, grads["params"][name], atol=1e-6)
     and torch.allclose(rate.grad, grads["lrs"][name], atol=1e-6)
     for (name, p), rate in zip(params.items(), meta.lrs)
 )

@@ -72,7 +72,7 @@ def score_function(logp, r):
 
 
 sizes = [10**k for k in range(2, 7)]
-errors = {"DiCE": [], "score function": []}
+errors: dict[str, list[tuple[float, float]]] = {"DiCE": [], "score function": []}
 for n in sizes:
     for name, surrogate in (("DiCE", dice), ("score function", score_function)):
         grad, hess = estimates(surrogate, n)
