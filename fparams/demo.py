@@ -374,14 +374,23 @@ def _figure_class() -> type:
 
 
 class DemoResult(NamedTuple):
-    """What :func:`run` returns; in a notebook, show ``result.figure``."""
+    """What :func:`run` returns; in a notebook, show ``result.figure``.
 
-    scores: Dict[int, float]  # held-out MSE by number of inner steps (0, 1, 10); {} off process 0
-    figure: Optional[Figure]  # three held-out tasks; None off process 0
-    losses: List[float]  # the meta-loss of every meta-step
+    Attributes:
+        scores: held-out MSE by number of inner steps (0, 1, 10); ``{}`` off process 0.
+        figure: three held-out tasks (:func:`plot`); ``None`` off process 0.
+        losses: the meta-loss of every meta-step.
+        arch: the network's architecture.
+        params: the meta-trained parameters.
+        seconds: wall time of meta-training and evaluation.
+    """
+
+    scores: Dict[int, float]
+    figure: Optional[Figure]
+    losses: List[float]
     arch: fparams.Architecture
-    params: Dict[str, Tensor]  # the meta-trained parameters
-    seconds: float  # wall time of meta-training and evaluation
+    params: Dict[str, Tensor]
+    seconds: float
 
 
 def run(
@@ -410,10 +419,10 @@ def run(
     Examples:
         ``fparams.demo.run()`` in a notebook; here a short run without the bar:
 
-        >>> import fparams.demo
+        >>> import fparams.demo, matplotlib.figure
         >>> result = fparams.demo.run(iterations=2, tasks=4, progress=False)
-        >>> sorted(result.scores), type(result.figure).__name__
-        ([0, 1, 10], 'Figure')
+        >>> sorted(result.scores), isinstance(result.figure, matplotlib.figure.Figure)
+        ([0, 1, 10], True)
     """
     from tqdm.auto import tqdm
 
