@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import statistics
 import sys
 import time
@@ -57,6 +56,7 @@ from torch import Tensor, nn
 
 import fparams
 import fparams.optim
+from fparams.demo import sample_tasks
 
 INNER_STEPS = 5
 INNER_LR = 0.01
@@ -86,13 +86,9 @@ class Batch(NamedTuple):
 
 
 def sine_tasks(num_tasks: int, shots: int, seed: int, dtype: torch.dtype) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    amp = torch.empty(num_tasks, 1, 1).uniform_(0.1, 5.0, generator=g)
-    phase = torch.empty(num_tasks, 1, 1).uniform_(0.0, math.pi, generator=g)
-    xs = torch.empty(num_tasks, shots, 1).uniform_(-5.0, 5.0, generator=g)
-    xq = torch.empty(num_tasks, shots, 1).uniform_(-5.0, 5.0, generator=g)
-    batch = Batch(xs, amp * torch.sin(xs + phase), xq, amp * torch.sin(xq + phase))
-    return Batch(*(t.to(dtype) for t in batch))
+    """fparams.demo's sine tasks, ``shots`` support and ``shots`` query points each."""
+    tasks = sample_tasks(torch.Generator().manual_seed(seed), num_tasks, shots, shots)
+    return Batch(*(t.to(dtype) for t in tasks.data()))
 
 
 def sine_mlp(seed: int, dtype: torch.dtype) -> nn.Module:

@@ -55,7 +55,6 @@ for ``torch.set_num_threads``, or ``--quick`` for a smoke run on tiny sizes
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -68,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fparams
+from fparams.demo import sample_tasks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared timing
 from _timing import CLOCKS, time_interleaved  # noqa: E402
@@ -130,12 +130,9 @@ def mlp(width: int) -> nn.Module:
 
 
 def sine_tasks(n: int, support: int, query: int) -> List[Tensor]:
-    """``xs, ys, xq, yq``, each ``(n, points, 1)``."""
-    amp = torch.empty(n, 1, 1).uniform_(0.1, 5.0)
-    phase = torch.empty(n, 1, 1).uniform_(0.0, math.pi)
-    xs = torch.empty(n, support, 1).uniform_(-5.0, 5.0)
-    xq = torch.empty(n, query, 1).uniform_(-5.0, 5.0)
-    return [xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase)]
+    """``xs, ys, xq, yq``, each ``(n, points, 1)``: fparams.demo's sine tasks, drawn from torch's seed."""
+    generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
+    return list(sample_tasks(generator, n, support, query).data())
 
 
 def conv4(channels: int, ways: int = WAYS) -> nn.Module:

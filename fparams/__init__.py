@@ -27,6 +27,7 @@ from ._module_api import (
     update_module,
 )
 from ._norms import exact_norms
+from ._summary import Summary, summary
 from ._tasks import VmapFallbackWarning, map_tasks, meta_value_and_grad, pad_tasks, stack_tasks
 from ._transforms import (
     apply_updates,
@@ -51,6 +52,7 @@ __all__ = [
     "Filter",
     "Grads",
     "Params",
+    "Summary",
     "Updates",
     "VmapFallbackWarning",
     "__version__",
@@ -78,6 +80,7 @@ __all__ = [
     "sgd_step",
     "split",
     "stack_tasks",
+    "summary",
     "update_module",
     "zeros_like",
 ]

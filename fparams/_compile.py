@@ -23,7 +23,7 @@ def compile_fallback(fn: F, **compile_kwargs: Any) -> F:
     every later call runs ``fn`` eagerly. Errors that eager ``fn`` raises too
     surface as they are. ``compile_kwargs`` go to ``torch.compile``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> f = fparams.compile(lambda x: torch.sin(x) * 2)
         >>> float(f(torch.zeros(())))

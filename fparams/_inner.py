@@ -147,7 +147,7 @@ def adapt(
         ``return_state``, a tuple in that order: ``(params, aux)``,
         ``(params, state)`` or ``(params, aux, state)``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
         >>> x, y = torch.randn(8, 1), torch.randn(8, 1)

@@ -114,7 +114,7 @@ class MAML(_Learner):
             update); defaults to ``allow_nograd``.
         allow_nograd: skip parameters with ``requires_grad=False``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> maml = fparams.MAML(torch.nn.Linear(2, 1), lr=0.1)
         >>> learner = maml.clone()
@@ -142,6 +142,7 @@ class MAML(_Learner):
         self.allow_nograd = allow_nograd
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
         self._opt_state: Any = None
+        self._is_clone = False
 
     def adapt(
         self,
@@ -172,6 +173,9 @@ class MAML(_Learner):
         self.module = update_module(self.module, updates=updates)
         self._remember_leaves(leaves)
 
+    def extra_repr(self) -> str:
+        return f"lr={self.lr!r}, first_order={self.first_order}, clone={self._is_clone}"
+
     def _optimizer_updates(self, grads: Sequence[Optional[Tensor]]) -> List[Optional[Tensor]]:
         named = [(str(i), p) for i, p in enumerate(self.module.parameters())]
         params = {k: p for (k, p), g in zip(named, grads) if g is not None}
@@ -188,13 +192,15 @@ class MAML(_Learner):
         allow_nograd: Optional[bool] = None,
     ) -> MAML:
         """A learner whose module is :func:`fparams.clone_module` of this one."""
-        return MAML(
+        learner = MAML(
             clone_module(self.module),
             lr=self.lr,
             first_order=self.first_order if first_order is None else first_order,
             allow_unused=self.allow_unused if allow_unused is None else allow_unused,
             allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd,
         )
+        learner._is_clone = True
+        return learner
 
 
 class MetaSGD(_Learner):
@@ -205,7 +211,7 @@ class MetaSGD(_Learner):
     parameters are one tensor of ``parameters()``, so they share one rate and
     stay tied.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> meta = fparams.MetaSGD(torch.nn.Linear(2, 1), lr=0.1)
         >>> learner = meta.clone()
@@ -241,14 +247,27 @@ class MetaSGD(_Learner):
             rates = lrs
         self.lrs = rates
         self.first_order = first_order
+        self._is_clone = False
+
+    def extra_repr(self) -> str:
+        ends = [float(f(r.detach())) for r in self.lrs for f in (torch.min, torch.max) if r.numel()]
+        if not ends:
+            rates = f"lrs={len(self.lrs)} tensors"
+        elif min(ends) == max(ends):
+            rates = f"lrs={len(self.lrs)} tensors of rate {min(ends):.3g}"
+        else:
+            rates = f"lrs={len(self.lrs)} tensors of rates from {min(ends):.3g} to {max(ends):.3g}"
+        return f"{rates}, first_order={self.first_order}, clone={self._is_clone}"
 
     def clone(self) -> MetaSGD:
         """A learner with a cloned module and cloned rates, still in the graph."""
-        return MetaSGD(
+        learner = MetaSGD(
             clone_module(self.module),
             lrs=[lr.clone() for lr in self.lrs],
             first_order=self.first_order,
         )
+        learner._is_clone = True
+        return learner
 
     def adapt(self, loss: Tensor, first_order: Optional[bool] = None) -> None:
         """One step ``p - lr * g`` with the learned rates, in place."""

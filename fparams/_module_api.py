@@ -43,7 +43,7 @@ def clone_module(module: Any, memo: Optional[TensorMemo] = None) -> Any:
         memo: optional ``{id(tensor): (tensor, clone)}`` shared between calls,
             to keep tensors tied across several cloned modules.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> net = torch.nn.Sequential(torch.nn.Linear(20, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
         >>> clone = fparams.clone_module(net)
@@ -81,7 +81,7 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
     detached tensors require grad where the old ones did, so the module starts
     a fresh graph.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> net = torch.nn.Linear(20, 2)
         >>> clone = fparams.clone_module(net)
@@ -156,7 +156,7 @@ def update_module(
             parameters, or an update's shape differs from its parameter's.
         TypeError: an update is neither a tensor nor ``None``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> model = torch.nn.Linear(3, 1)
         >>> error = model(torch.randn(4, 3)).pow(2).mean()
@@ -220,7 +220,7 @@ def maml_update(model: nn.Module, lr: Any, grads: Optional[Sequence[Optional[Ten
             gradient's shape differs from its parameter's.
         TypeError: ``grads`` is not a list, or an entry is neither a tensor nor ``None``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> model = fparams.clone_module(torch.nn.Linear(3, 1))
         >>> loss = model(torch.randn(4, 3)).pow(2).mean()
@@ -257,7 +257,7 @@ def meta_sgd_update(
             from the number of parameters.
         TypeError: ``lrs`` or ``grads`` is not a list.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> model = fparams.clone_module(torch.nn.Linear(3, 1))
         >>> lrs = [torch.full_like(p, 0.1, requires_grad=True) for p in model.parameters()]
@@ -294,7 +294,7 @@ def _update(where: str, model: nn.Module, updates: List[Optional[Tensor]]) -> nn
 def clone_parameters(param_list: Sequence[Tensor]) -> List[Tensor]:
     """learn2learn's ``clone_parameters``: ``[p.clone() for p in param_list]``, still in the graph.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> w = torch.ones(2, requires_grad=True)
         >>> (c,) = fparams.clone_parameters([w])
@@ -318,7 +318,7 @@ def clone_parameters(param_list: Sequence[Tensor]) -> List[Tensor]:
 def clone_named_parameters(param_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """learn2learn's ``clone_named_parameters``: ``{k: p.clone()}``, still in the graph.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> net = torch.nn.Linear(2, 1)
         >>> sorted(fparams.clone_named_parameters(dict(net.named_parameters())))
@@ -366,7 +366,7 @@ def clone_distribution(dist: Distribution) -> Distribution:
     :func:`clone_module`; nested distributions and transforms (and lists of
     them) are cloned recursively. The original is not changed.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> loc = torch.zeros(2, requires_grad=True)
         >>> d = fparams.clone_distribution(torch.distributions.Normal(loc, 1.0))
@@ -405,7 +405,7 @@ def detach_distribution(dist: Distribution) -> Distribution:
     detached with :func:`detach_module` (and kept), nested distributions and
     transforms are detached recursively. Returns ``dist``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> loc = torch.zeros(2, requires_grad=True)
         >>> d = fparams.detach_distribution(torch.distributions.Normal(loc * 2, 1.0))

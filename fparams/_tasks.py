@@ -161,7 +161,7 @@ def map_tasks(
         batch_stats: batch normalization uses the statistics of each task's
             batch and never updates running statistics.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
         >>> mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()
@@ -236,7 +236,7 @@ class VmapFallbackWarning(UserWarning):
     Warned once per function; later calls go straight to the loop. Pass
     ``strategy="loop"`` to choose the loop yourself (and silence it).
 
-    Example:
+    Examples:
         >>> import warnings, fparams
         >>> with warnings.catch_warnings():  # where a silent loop would be too slow: an error
         ...     warnings.simplefilter("error", fparams.VmapFallbackWarning)
@@ -484,7 +484,7 @@ def pad_tasks(tensors: Sequence[Tensor], value: float = 0.0) -> Tuple[Tensor, Te
     padded rows still run through the network). Layers that mix rows (BatchNorm in train mode) would
     see the padding: use the per-task form ``f(params, tasks=[...])`` for them.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> batch, mask = fparams.pad_tasks([torch.ones(2, 3), torch.ones(4, 3)])
         >>> batch.shape, mask.sum(1).tolist()
@@ -530,7 +530,7 @@ def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
     result to the mapped function as a task argument, and return the updated
     buffers from it.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> fparams.stack_tasks({"running_mean": torch.zeros(3)}, 4)["running_mean"].shape
         torch.Size([4, 3])
@@ -601,7 +601,7 @@ def meta_value_and_grad(
     Under a ``torch.func`` transform or ``torch.compile`` the step is
     ``torch.func.grad_and_value`` of the mean loss over all tasks.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
         >>> mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()

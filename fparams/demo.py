@@ -10,6 +10,10 @@ meta-trained with MAML over batches of tasks in one vectorised call
 on held-out tasks before adaptation and after 1 and 10 inner steps, and a plot
 of a few held-out tasks is saved.
 
+From a notebook, ``fparams.demo.run(...)`` takes the command line's options
+as keywords and returns the scores and a :class:`matplotlib.figure.Figure`; it
+shows a ``tqdm.auto`` progress bar and never switches matplotlib's backend.
+
 The pieces are plain functions so that other drivers can reuse them:
 ``sample_tasks(generator, n)`` draws a task batch, ``make_meta_grad(...)``
 gives ``meta_grad(params, batch) -> (loss, grads)``, ``meta_step`` applies one
@@ -25,18 +29,22 @@ matplotlib and tqdm come with the ``demo`` extra: ``pip install 'fparams[demo]'`
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 import fparams
 import fparams.distributed
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
@@ -314,25 +322,24 @@ def _require_extras(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def save_plot(
-    path: str,
+def plot(
     arch: fparams.Architecture,
     params: Dict[str, Tensor],
     batch: TaskBatch,
     lr: float,
     scores: Dict[int, float],
-) -> None:
-    """Three held-out tasks: true curve, support points, predictions before and after adapting."""
-    import matplotlib
+) -> Figure:
+    """Three held-out tasks: true curve, support points, predictions before and after adapting.
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    A :class:`matplotlib.figure.Figure` made directly, without pyplot: the
+    matplotlib backend (a notebook's inline one included) is left as it is.
+    """
     shown = TaskBatch(*(t[:3] for t in batch))
     x = torch.linspace(*INPUT_RANGE, 200).unsqueeze(-1)
     truth = sine(x.expand(3, -1, -1), shown.amplitude, shown.phase)
     curves = {s: predict(arch, params, shown, lr, s, x) for s in (0, 1, 10)}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
+    fig = _figure_class()(figsize=(13, 3.8), layout="tight")
+    axes = fig.subplots(1, 3, sharey=True)
     for i, ax in enumerate(axes):
         ax.plot(x, truth[i], color="black", lw=2, label="true function")
         ax.plot(x, curves[0][i], "--", color="tab:gray", label="meta-learned init (0 steps)")
@@ -349,42 +356,117 @@ def save_plot(
         f"MAML on sine waves with fparams: held-out MSE {scores[0]:.2f} before adaptation, "
         f"{scores[1]:.2f} after 1 step, {scores[10]:.2f} after 10 steps"
     )
-    fig.tight_layout()
+    return fig
+
+
+def _figure_class() -> type:
+    """``Figure`` that Jupyter shows as a PNG even where pyplot (and so its inline backend) was never
+    imported; where it was, IPython's formatter for figures draws it as usual."""
+    from matplotlib.figure import Figure
+
+    class ShownFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return ShownFigure
+
+
+class DemoResult(NamedTuple):
+    """What :func:`run` returns; in a notebook, show ``result.figure``.
+
+    Attributes:
+        scores: held-out MSE by number of inner steps (0, 1, 10); ``{}`` off process 0.
+        figure: three held-out tasks (:func:`plot`); ``None`` off process 0.
+        losses: the meta-loss of every meta-step.
+        arch: the network's architecture.
+        params: the meta-trained parameters.
+        seconds: wall time of meta-training and evaluation.
+    """
+
+    scores: Dict[int, float]
+    figure: Optional[Figure]
+    losses: List[float]
+    arch: fparams.Architecture
+    params: Dict[str, Tensor]
+    seconds: float
+
+
+def run(
+    *,
+    iterations: int = 1000,
+    tasks: int = 25,
+    steps: int = 1,
+    lr: float = 0.01,
+    meta_lr: float = 3e-3,
+    first_order: bool = False,
+    compile: bool = False,
+    seed: int = 0,
+    threads: Optional[int] = 1,
+    progress: bool = True,
+) -> DemoResult:
+    """Meta-train, evaluate and plot: the demo as a function, for notebooks and scripts.
+
+    The keywords are the command line's options, with the same defaults, so
+    ``run()`` gives the numbers ``python -m fparams.demo`` prints. The progress
+    bar is ``tqdm.auto``'s (a widget in Jupyter) and shows the meta-loss.
+    ``threads`` sets torch's CPU threads for the run and restores them after
+    (``None`` leaves them alone). Nothing is printed, saved or switched
+    globally: the figure is a :class:`matplotlib.figure.Figure`, so the
+    notebook's matplotlib backend stays as it was.
+
+    Examples:
+        ``fparams.demo.run()`` in a notebook; here a short run without the bar:
+
+        >>> import fparams.demo, matplotlib.figure
+        >>> result = fparams.demo.run(iterations=2, tasks=4, progress=False)
+        >>> sorted(result.scores), isinstance(result.figure, matplotlib.figure.Figure)
+        ([0, 1, 10], True)
+    """
+    from tqdm.auto import tqdm
+
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
     try:
-        fig.savefig(path, dpi=100)
+        model = make_model(seed)
+        arch, params, _ = fparams.split(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=meta_lr)
+        meta_grad = make_meta_grad(arch, lr, steps, first_order, compile)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            meta_grad = shard_meta_grad(meta_grad)
+        generator = torch.Generator().manual_seed(seed)
+
+        losses: List[float] = []
+        bar = tqdm(range(iterations), desc="meta-training", disable=not progress)
+        for it in bar:
+            loss = meta_step(meta_grad, params, optimizer, sample_tasks(generator, tasks))
+            if not math.isfinite(loss):
+                raise DemoError(
+                    f"the meta-loss became {loss} at iteration {it}; lower --lr (inner) or --meta-lr"
+                )
+            losses.append(loss)
+            if it % 10 == 0 or it == iterations - 1:
+                bar.set_postfix(meta_loss=f"{loss:.3f}")
+        bar.close()
+
+        if not fparams.distributed.is_main_process():  # under torchrun, process 0 evaluates and plots
+            return DemoResult({}, None, losses, arch, params, time.perf_counter() - start)
+        held_out = sample_tasks(torch.Generator().manual_seed(EVAL_SEED), EVAL_TASKS, SHOTS, EVAL_QUERIES)
+        scores = evaluate(arch, params, held_out, lr)
+        figure = plot(arch, params, held_out, lr, scores)
+        return DemoResult(scores, figure, losses, arch, params, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _save(figure: Figure, path: str) -> None:
+    try:
+        figure.savefig(path, dpi=100)
     except OSError as err:
         raise DemoError(f"could not save the plot to {path!r}: {err}") from err
-    finally:
-        plt.close(fig)
-
-
-def run(args: argparse.Namespace, out: str, progress: bool = True) -> Dict[int, float]:
-    """Meta-train, evaluate, plot; returns the held-out MSE by number of inner steps."""
-    from tqdm import tqdm
-
-    model = make_model(args.seed)
-    arch, params, _ = fparams.split(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
-    meta_grad = make_meta_grad(arch, args.lr, args.steps, args.first_order, args.compile)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        meta_grad = shard_meta_grad(meta_grad)
-    generator = torch.Generator().manual_seed(args.seed)
-
-    bar = tqdm(range(args.iterations), desc="meta-training", disable=not progress, file=sys.stderr)
-    for it in bar:
-        loss = meta_step(meta_grad, params, optimizer, sample_tasks(generator, args.tasks))
-        if not math.isfinite(loss):
-            raise DemoError(f"the meta-loss became {loss} at iteration {it}; lower --lr (inner) or --meta-lr")
-        if it % 10 == 0 or it == args.iterations - 1:
-            bar.set_postfix(meta_loss=f"{loss:.3f}")
-    bar.close()
-
-    if not fparams.distributed.is_main_process():
-        return {}  # under torchrun, process 0 evaluates, plots and reports
-    held_out = sample_tasks(torch.Generator().manual_seed(EVAL_SEED), EVAL_TASKS, SHOTS, EVAL_QUERIES)
-    scores = evaluate(arch, params, held_out, args.lr)
-    save_plot(out, arch, params, held_out, args.lr, scores)
-    return scores
 
 
 def _join_torchrun() -> int:
@@ -406,19 +488,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     world = _join_torchrun()
     main_process = fparams.distributed.is_main_process()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", fparams.CompileFallbackWarning)
-            scores = run(args, out, progress=main_process)
+            result = run(
+                iterations=args.iterations,
+                tasks=args.tasks,
+                steps=args.steps,
+                lr=args.lr,
+                meta_lr=args.meta_lr,
+                first_order=args.first_order,
+                compile=args.compile,
+                seed=args.seed,
+                threads=args.threads,
+                progress=main_process,
+            )
+            if result.figure is not None:
+                _save(result.figure, out)
     except DemoError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
     finally:
-        torch.set_num_threads(threads)
         fparams.distributed.shutdown()
-    elapsed = time.perf_counter() - start
+    scores, elapsed = result.scores, result.seconds
 
     if not main_process:
         return 0

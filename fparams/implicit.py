@@ -27,7 +27,7 @@ itself made of differentiable torch operations, so second derivatives
 (``create_graph=True``, ``grad`` of ``grad``) differentiate the linear
 solve: they are exact up to the solver's tolerance.
 
-Example:
+Examples:
     >>> import torch, fparams
     >>> def solver(init, a):  # the root of x^3 - a, by Newton's method
     ...     x = init
@@ -86,7 +86,7 @@ class NotConvergedError(RuntimeError):
 
     The message names the solver, the residual it reached and what to change.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> solve = fparams.implicit.cg(maxiter=1, tol=1e-12)
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
@@ -170,7 +170,7 @@ class LinearSolver:
     returns the same structure. Made by :func:`cg`, :func:`normal_cg` or
     :func:`neumann`; the repr shows its settings.
 
-    Example:
+    Examples:
         >>> import fparams
         >>> fparams.implicit.cg(maxiter=20)
         cg(maxiter=20, tol=1e-06)
@@ -327,7 +327,7 @@ def cg(maxiter: int = 100, tol: float = 1e-6, *, strict: bool = True) -> LinearS
     Returns:
         A :class:`LinearSolver`: ``solver(matvec, b) -> x``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> A = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
         >>> x = fparams.implicit.cg()(lambda x: A @ x, torch.tensor([1.0, 2.0]))
@@ -362,7 +362,7 @@ def normal_cg(maxiter: int = 100, tol: float = 1e-6, *, strict: bool = True) -> 
     Returns:
         A :class:`LinearSolver`: ``solver(matvec, b) -> x``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> A = torch.tensor([[1.0, 2.0], [0.0, 1.0]])
         >>> x = fparams.implicit.normal_cg()(lambda x: A @ x, torch.tensor([3.0, 1.0]))
@@ -395,7 +395,7 @@ def neumann(steps: int = 20, alpha: float = 1.0) -> LinearSolver:
     Returns:
         A :class:`LinearSolver`: ``solver(matvec, b) -> x``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> A = torch.tensor([[1.0, 0.2], [0.2, 1.0]])
         >>> x = fparams.implicit.neumann(steps=60, alpha=0.8)(lambda x: A @ x, torch.tensor([1.0, 1.0]))
@@ -640,7 +640,7 @@ def custom_root(
     Returns:
         A decorator; the decorated function has the solver's signature.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> # ridge regression, solved by gradient descent; its gradient in lam is implicit
         >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
@@ -767,7 +767,7 @@ def adapt(
     Returns:
         A new dict with every name of ``params``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
         >>> x, y = torch.randn(8, 1), torch.randn(8, 1)

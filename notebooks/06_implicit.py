@@ -151,8 +151,12 @@ def post_adaptation_mse(name, steps):
     if steps == 0:
         return fparams.map_tasks(lambda p, xs, ys, xq, yq: mse(p, xq, yq))(params, *held_out).mean().item()
     task = imaml_task if name == "iMAML" else maml_task
+
+    def adapted(p, xs, ys, xq, yq):
+        return task(p, xs, ys, xq, yq, steps=steps)
+
     with torch.no_grad():  # no meta-gradient needed: the inner loop alone
-        return fparams.map_tasks(lambda p, *t: task(p, *t, steps=steps))(params, *held_out).mean().item()
+        return fparams.map_tasks(adapted)(params, *held_out).mean().item()
 
 
 accuracy = {name: [post_adaptation_mse(name, s) for s in STEPS] for name in trained}
@@ -273,12 +277,12 @@ print(f"d val / d rho: implicit {hypergrad.item():.8f}, finite differences {fini
 rho = rho0.clone().requires_grad_()
 opt = torch.optim.Adam([rho], lr=0.2)
 path = []
-for _ in range(60):
+for _iteration in range(60):
     opt.zero_grad()
-    loss = val_loss(rho)
-    loss.backward()
+    val = val_loss(rho)
+    val.backward()
     opt.step()
-    path.append((rho.item(), loss.item()))
+    path.append((rho.item(), val.item()))
 
 grid = torch.linspace(-8, 2, 41, dtype=D)
 curve = torch.stack([val_loss(r) for r in grid])

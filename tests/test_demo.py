@@ -38,6 +38,30 @@ def test_runs_prints_numbers_and_saves_the_plot(capsys: pytest.CaptureFixture[st
     assert all(v > 0 for v in numbers.values())
 
 
+def test_run_returns_scores_and_figure_and_keeps_the_backend(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notebook entry point: the command line's numbers, a Figure, matplotlib's backend untouched."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    def no_switching(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"the demo switched matplotlib's backend: matplotlib.use{args}")
+
+    monkeypatch.setattr(matplotlib, "use", no_switching)
+    result = demo.run(iterations=3, tasks=4, progress=False)
+    assert isinstance(result.figure, Figure)
+    assert len(result.figure.axes) == 3
+    # Jupyter shows it as a PNG also where pyplot, and so the inline backend, was never imported.
+    assert result.figure._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(ax.get_title().startswith("held-out task: A=") for ax in result.figure.axes)
+    assert len(result.losses) == 3 and result.seconds > 0
+    printed = run_demo(capsys, TINY + ["--out", str(tmp_path / "a.png")])
+    assert [round(result.scores[s], 4) for s in (0, 1, 10)] == [
+        printed[k] for k in ("before adaptation", "after 1 step", "after 10 steps")
+    ]
+
+
 def test_same_seed_same_numbers(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     first = run_demo(capsys, TINY + ["--seed", "7", "--out", str(tmp_path / "a.png")])
     second = run_demo(capsys, TINY + ["--seed", "7", "--out", str(tmp_path / "b.png")])

@@ -655,19 +655,3 @@ def test_docstring_examples_run() -> None:
 
     result = doctest.testmod(implicit, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 10 and result.failed == 0
-
-
-@pytest.mark.slow  # about 30 s of CPU: it meta-trains two learners
-def test_the_notebook_runs_top_to_bottom(tmp_path: Any) -> None:
-    # a jupytext percent script: plain Python, ending with its self-check asserts
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    script = pathlib.Path(__file__).resolve().parent.parent / "notebooks" / "06_implicit.py"
-    env = {**os.environ, "MPLBACKEND": "Agg", "TQDM_DISABLE": "1"}
-    run = [sys.executable, str(script)]
-    done = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "all checks passed" in done.stdout

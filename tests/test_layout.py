@@ -18,6 +18,7 @@ LAYERS = {
     "_version": 0,
     "_types": 0,
     "_filters": 0,
+    "_summary": 0,
     "_state": 1,
     "_transforms": 2,
     "_call": 3,

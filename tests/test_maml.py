@@ -308,3 +308,14 @@ def test_batchnorm_meta_training_loop_matches_the_reference() -> None:
     assert_dicts_close(dict(maml.module.named_parameters()), ref_params, **TOL)
     assert_dicts_close(dict(maml.module.named_buffers()), dict(ref_net.named_buffers()), **TOL)
     assert int(net[1].num_batches_tracked) == 12  # 2 iterations x 3 tasks x (support + query)
+
+
+def test_reprs_show_lr_first_order_and_clone() -> None:
+    maml = fparams.MAML(torch.nn.Linear(2, 1), lr=0.1)
+    assert "lr=0.1, first_order=False, clone=False" in repr(maml)
+    assert "lr=0.1, first_order=True, clone=True" in repr(maml.clone(first_order=True))
+    meta = fparams.MetaSGD(torch.nn.Linear(2, 1), lr=0.1)
+    assert "lrs=2 tensors of rate 0.1, first_order=False, clone=False" in repr(meta)
+    with torch.no_grad():
+        meta.lrs[0].fill_(0.5)
+    assert "lrs=2 tensors of rates from 0.1 to 0.5, first_order=False, clone=True" in repr(meta.clone())

@@ -1,91 +1,78 @@
-"""Execute every tutorial notebook; each ends with assertions on its key numbers.
+"""The tutorial notebooks: sources in sync with their committed ``.ipynb``, and every one runs.
 
-The kernel is this interpreter (a kernelspec written to a temporary
-``JUPYTER_PATH``), so the notebooks run against the same fparams and torch as
-the rest of the tests. A cell that raises, or runs past ``CELL_TIMEOUT``
-seconds, fails the test.
+The sources are the jupytext percent scripts ``notebooks/NN_name.py``
+(``notebooks/sync.py`` writes their ``.ipynb`` twins). Each notebook ends
+with a self-check cell that asserts its key numbers, so running it checks them.
+
+The kernel is this interpreter (``sync.execute``), so the notebooks run
+against the same fparams and torch as the rest of the tests, with
+matplotlib's inline backend as in Jupyter. A cell
+that raises, or runs past ``CELL_TIMEOUT`` seconds, fails the test. With
+``FPARAMS_EXECUTED_NOTEBOOKS=DIR`` set, the executed notebooks are written to
+``DIR`` (CI passes ``docs/notebooks``, from where the documentation uses them).
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("jupytext")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+FOLDER = Path(__file__).resolve().parent.parent / "notebooks"
+_spec = importlib.util.spec_from_file_location("notebooks_sync", FOLDER / "sync.py")
+assert _spec is not None and _spec.loader is not None
+sync: Any = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sync)
+
+SOURCES = sync.sources(FOLDER)
 CELL_TIMEOUT = 600  # seconds per cell: generous, the machines running CI are shared
-KERNEL = "fparams-tests"
 
 
-@pytest.fixture(scope="module")
-def kernel_name(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A kernelspec that starts this very interpreter."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec = root / "kernels" / KERNEL
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(
-        json.dumps({"argv": argv, "display_name": KERNEL, "language": "python"})
+def test_every_notebook_has_its_source() -> None:
+    assert len(SOURCES) >= 5
+    orphans = sorted(p.name for p in FOLDER.glob("*.ipynb") if not p.with_suffix(".py").exists())
+    assert not orphans, f"{orphans}: no notebooks/NN_name.py source; the .py scripts are the sources"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_committed_ipynb_matches_its_source(source: Path) -> None:
+    problem = sync.problem(source)
+    assert problem is None, f"notebooks/{problem}. Regenerate the .ipynb files with: {sync.COMMAND}"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_ends_with_a_self_check(source: Path) -> None:
+    cells = sync.notebook(source).cells
+    assert len(cells) >= 2 and cells[-1].cell_type == "code" and "assert" in cells[-1].source, (
+        f"{source.name} must end with a code cell of assertions on its key numbers"
     )
-    old = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = str(root) + (os.pathsep + old if old else "")
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    try:
-        yield KERNEL
-    finally:
-        if old is None:
-            os.environ.pop("JUPYTER_PATH", None)
-        else:
-            os.environ["JUPYTER_PATH"] = old
-
-
-def test_there_are_five_notebooks() -> None:
-    assert [p.name for p in NOTEBOOKS] == [
-        "01_quickstart.ipynb",
-        "02_maml_sine_vmap.ipynb",
-        "03_metasgd_anil.ipynb",
-        "04_dice.ipynb",
-        "05_batchnorm_over_tasks.ipynb",
-    ]
-
-
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_committed_without_outputs(path: Path) -> None:
-    nb = nbformat.read(path, as_version=4)
-    nbformat.validate(nb)
-    dirty = [
-        i
-        for i, cell in enumerate(nb.cells)
-        if cell.cell_type == "code" and (cell.outputs or cell.execution_count)
-    ]
-    assert not dirty, f"{path.name}: cells {dirty} have outputs; strip them (python notebooks/build.py)"
-    assert nb.cells[-1].cell_type == "code" and "assert" in nb.cells[-1].source, (
-        f"{path.name} must end with a cell of assertions on its key numbers"
+    assert cells[-2].cell_type == "markdown" and "## Self-check" in cells[-2].source, (
+        f"{source.name}: head the final checks with a markdown cell '## Self-check'"
     )
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path: Path, kernel_name: str, tmp_path: Path) -> None:
-    nb = nbformat.read(path, as_version=4)
-    client: Any = nbclient.NotebookClient(
-        nb,
-        kernel_name=kernel_name,
-        timeout=CELL_TIMEOUT,
-        resources={"metadata": {"path": str(tmp_path)}},  # the notebook's working directory
-    )
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_notebook_runs(source: Path, tmp_path: Path) -> None:
     start = time.perf_counter()
     try:
-        client.execute()
+        nb = sync.execute(source, cwd=tmp_path, timeout=CELL_TIMEOUT)
     except nbclient.exceptions.CellExecutionError as err:
-        pytest.fail(f"{path.name} failed:\n{err}", pytrace=False)
-    print(f"{path.name}: {time.perf_counter() - start:.1f} s")
+        pytest.fail(f"{source.name} failed:\n{err}", pytrace=False)
+    print(f"{source.name}: {time.perf_counter() - start:.1f} s")
+    images = sum("image/png" in out.get("data", {}) for cell in nb.cells for out in cell.get("outputs", []))
+    plots = sum("plt.show()" in cell.source or "fparams.demo.plot(" in cell.source for cell in nb.cells)
+    assert images >= plots, f"{source.name}: {plots} plotting cells but only {images} images came out"
+    out = os.environ.get("FPARAMS_EXECUTED_NOTEBOOKS")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, Path(out) / source.with_suffix(".ipynb").name)

@@ -53,7 +53,7 @@ def sgd(
     A hyperparameter that is the number 0 drops its transform; a tensor always
     keeps it (its value is never read).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.sgd(lr=0.1, momentum=0.9)
         >>> params = {"w": torch.ones(2)}
@@ -92,7 +92,7 @@ def adam(
 ) -> GradientTransformation:
     """``torch.optim.Adam`` as a pure update rule; ``weight_decay`` is L2 (added to the gradient).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adam(lr=0.1)
         >>> params = {"w": torch.tensor([1.0, -1.0])}
@@ -122,7 +122,7 @@ def adamw(
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam with decoupled weight decay ``-lr * weight_decay * p``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adamw(lr=0.1, weight_decay=0.5)
         >>> params = {"w": torch.tensor([2.0])}
@@ -153,7 +153,7 @@ def rmsprop(
 ) -> GradientTransformation:
     """``torch.optim.RMSprop`` as a pure update rule: L2 weight decay, centering, momentum.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.rmsprop(lr=0.01, alpha=0.0, eps=0.0)
         >>> params = {"w": torch.tensor([1.0])}
@@ -202,7 +202,7 @@ def higher_adam(
     is 0, as higher's mask makes it. (higher's unreleased master branch has
     the torch >= 1.6 formula, which is :func:`adam`.)
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.higher_adam(lr=0.1, eps=0.1)
         >>> params = {"w": torch.tensor([1.0])}

@@ -68,7 +68,7 @@ class ScaleByRmsState(NamedTuple):
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` one after the other; the state is a tuple of theirs.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.chain(optim.add_decayed_weights(0.5), optim.scale_by_learning_rate(0.1))
         >>> params = {"w": torch.ones(2)}
@@ -108,7 +108,7 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
 
     ``update`` needs ``params``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.add_decayed_weights(0.1)
         >>> params = {"w": torch.full((2,), 2.0)}
@@ -137,7 +137,7 @@ def scale_by_learning_rate(lr: LR) -> GradientTransformation:
     ``lr`` is a number, a tensor (a learned rate), or a dict with one rate per
     parameter name (Meta-SGD style).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.scale_by_learning_rate(torch.tensor(0.5, requires_grad=True))
         >>> updates, _ = opt.update({"w": torch.ones(2)}, opt.init({"w": torch.ones(2)}))
@@ -173,7 +173,7 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
     ``dampening`` then). The update is ``b``, or ``g + momentum * b`` with
     ``nesterov=True``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.trace(0.5)
         >>> g, state = {"w": torch.ones(1)}, opt.init({"w": torch.zeros(1)})
@@ -221,7 +221,7 @@ def scale_by_adam(
     square root's gradient is 0 where ``v`` is 0, so parameters that never got
     a gradient do not turn meta-gradients into NaN.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.scale_by_adam()
         >>> u, state = opt.update({"w": torch.tensor([3.0, -0.5])}, opt.init({"w": torch.zeros(2)}))
@@ -266,7 +266,7 @@ def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False)
     from it first. ``eps`` is added outside the square root (torch's rule, not
     optax's).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.scale_by_rms(alpha=0.75, eps=0.0)
         >>> opt.update({"w": torch.tensor([2.0])}, opt.init({"w": torch.zeros(1)}))[0]
