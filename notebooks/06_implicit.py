@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import fparams
+import fparams.demo
 from fparams import implicit
 
 torch.set_num_threads(1)  # a tiny network: more threads only add overhead
@@ -59,23 +60,12 @@ start_notebook = time.perf_counter()
 
 
 def sample_tasks(generator, n, shots=10, queries=10):
-    """n sine tasks A*sin(x - phase): A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]."""
-    amplitude = torch.rand(n, 1, 1, generator=generator) * 4.9 + 0.1
-    phase = torch.rand(n, 1, 1, generator=generator) * math.pi
-    x = torch.rand(n, shots + queries, 1, generator=generator) * 10 - 5
-    y = amplitude * torch.sin(x - phase)
-    return x[:, :shots], y[:, :shots], x[:, shots:], y[:, shots:]
+    """n sine tasks A*sin(x - phase), the demo's: A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]."""
+    return fparams.demo.sample_tasks(generator, n, shots, queries).data()
 
 
 def make_model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(1, 40),
-        torch.nn.ReLU(),
-        torch.nn.Linear(40, 40),
-        torch.nn.ReLU(),
-        torch.nn.Linear(40, 1),
-    )
+    return fparams.demo.make_model(0)  # the 1-40-40-1 ReLU MLP of the MAML paper
 
 
 arch, _, _ = fparams.split(make_model())
