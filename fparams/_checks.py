@@ -124,11 +124,12 @@ def check_lr(where: str, lr: object, *, optimizer_ok: bool = False) -> Optional[
     if isinstance(lr, Tensor) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
         check_hyper(where, "lr", lr)
         return None
-    also = " or an fparams.optim optimizer" if optimizer_ok else ""
-    raise TypeError(
-        f"{where}: `lr` must be a number, a tensor or a dict of per-parameter rates{also}; "
-        f"got {describe(lr)}."
+    kinds = "a number, a tensor" + (
+        ", a dict of per-parameter rates or an fparams.optim optimizer"
+        if optimizer_ok
+        else " or a dict of per-parameter rates"
     )
+    raise TypeError(f"{where}: `lr` must be {kinds}; got {describe(lr)}.")
 
 
 def check_rate_keys(

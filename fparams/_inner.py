@@ -10,9 +10,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._checks import check_dict, check_int, check_lr, check_rate_keys, check_rate_shapes
 from ._grads import grad_route, inner_grad
 from ._norms import innermost_exact_norms
-from ._transforms import check_rate_shapes, partition
+from ._torch_compat import is_captured_update_error, is_nonscalar_grad_error
+from ._transforms import partition
 from ._types import LR, Filter, Params, TensorDict
 
 
@@ -25,20 +27,10 @@ def check_rates(
     where: str, lr: Any, names: Mapping[str, object], all_names: Mapping[str, object]
 ) -> Dict[str, Any]:
     """One learning rate per trainable name, validated once before the loop."""
-    if isinstance(lr, Mapping):
-        missing = sorted(k for k in names if k not in lr)
-        unknown = sorted(k for k in lr if k not in all_names)
-        if missing or unknown:
-            raise ValueError(
-                f"{where}: `lr` is a dict of per-parameter rates but does not fit the params: "
-                f"missing {missing}, unknown {unknown}. Give one tensor per adapted parameter."
-            )
-        return {k: lr[k] for k in names}
-    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor)):
-        raise TypeError(
-            f"{where}: `lr` must be a number, a tensor, a dict of tensors or an fparams.optim "
-            f"optimizer; got {type(lr).__name__}."
-        )
+    rates = check_lr(where, lr, optimizer_ok=True)
+    if rates is not None:
+        check_rate_keys(where, rates, names, all_names)
+        return {k: rates[k] for k in names}
     return dict.fromkeys(names, lr)
 
 
@@ -94,10 +86,8 @@ def adapt(
         True
     """
     where = "fparams.adapt"
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{where}: `params` must be a dict of tensors; got {type(params).__name__}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{where}: `steps` must be an int >= 0; got {steps!r}.")
+    check_dict(where, "params", params)
+    check_int(where, "steps", steps, 0)
     trainable, frozen = partition(params, filter) if filter is not None else (dict(params), {})
     if not trainable:
         raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")
@@ -141,7 +131,7 @@ def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: boo
         return grad_fn(fast, *a, owned=owned)
     except RuntimeError as err:
         text = str(err)
-        if "captured Tensor" in text:
+        if is_captured_update_error(err):
             raise ValueError(
                 "fparams.adapt: a layer updated a tensor in place that the inner loop does not "
                 "own (usually BatchNorm's running statistics in train mode). Pass the buffers "
@@ -150,7 +140,7 @@ def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: boo
                 "batch statistics only (map_tasks(..., batch_stats=True) / "
                 "fparams.exact_norms(batch_stats=True)), or module.eval()."
             ) from err
-        if "scalar" in text and "grad" in text:
+        if is_nonscalar_grad_error(err):
             raise ValueError(
                 "fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); "
                 f"torch said: {text.splitlines()[0]}"

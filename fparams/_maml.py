@@ -13,6 +13,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_instance
 from ._inner import is_optimizer
 from ._module_api import clone_module, update_module
 
@@ -100,8 +101,7 @@ class MAML(_Learner):
         allow_nograd: bool = False,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MAML: `model` must be a torch.nn.Module; got {type(model).__name__}.")
+        check_instance("fparams.MAML", "model", model, nn.Module, "a torch.nn.Module")
         self.module = model
         self.lr = lr
         self.first_order = first_order
@@ -180,8 +180,7 @@ class MetaSGD(_Learner):
         lrs: Optional[Sequence[Tensor]] = None,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MetaSGD: `model` must be a torch.nn.Module; got {type(model).__name__}.")
+        check_instance("fparams.MetaSGD", "model", model, nn.Module, "a torch.nn.Module")
         self.module = model
         params = list(model.parameters())
         if lrs is None:
@@ -190,7 +189,7 @@ class MetaSGD(_Learner):
             )
         elif len(lrs) != len(params):
             raise ValueError(
-                f"MetaSGD: got {len(lrs)} learning-rate tensors for {len(params)} parameters; "
+                f"fparams.MetaSGD: got {len(lrs)} learning-rate tensors for {len(params)} parameters; "
                 f"give one per tensor of model.parameters()."
             )
         else:

@@ -20,16 +20,23 @@ statistics of the batch at hand and leaves running statistics (and
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from ._grads import grad_route, unbatched_under_vmap, vmap_active
+from ._torch_compat import (
+    BATCH_NORMS,
+    caller_frame,
+    current_function_mode,
+    is_compiling,
+    is_shared_stats_error,
+    is_vmap_error,
+    pop_function_mode,
+)
 
 
 def _affine(out: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: List[int]) -> Tensor:
@@ -51,11 +58,6 @@ def _shared_stats_error(layer: str, err: object) -> ValueError:
     )
 
 
-def _is_stats_error(err: RuntimeError) -> bool:
-    text = str(err)
-    return "vmap" in text or "captured" in text or "doesn't match the broadcast shape" in text
-
-
 #: Called with (running tensor, layer name) before a running statistic changes.
 Guard = Callable[[Tensor, str], None]
 
@@ -69,7 +71,7 @@ def _update_running(
         with torch.no_grad():
             running.mul_(1.0 - momentum).add_(value.detach(), alpha=momentum)
     except RuntimeError as err:
-        if not _is_stats_error(err):
+        if not is_shared_stats_error(err):
             raise
         raise _shared_stats_error(layer, err) from err
 
@@ -274,7 +276,7 @@ class exact_norms(TorchFunctionMode):
         passes through Python; ``fparams.adapt`` steps outside it for its own
         bookkeeping and re-enters it in every ``loss_fn`` call (:meth:`around`).
         """
-        with torch.overrides._pop_mode_temporarily() as popped:
+        with pop_function_mode() as popped:
             if popped is not self:  # pragma: no cover - a caller's bug
                 raise RuntimeError("fparams.exact_norms.suspended: this mode is not the innermost one")
             yield
@@ -352,7 +354,7 @@ class exact_norms(TorchFunctionMode):
         try:
             return counter.add_(*args, **kwargs)
         except RuntimeError as err:
-            if not _is_stats_error(err):
+            if not is_shared_stats_error(err):
                 raise
             raise _shared_stats_error("BatchNorm", err) from err
 
@@ -384,9 +386,9 @@ class exact_norms(TorchFunctionMode):
 
 def innermost_exact_norms() -> Optional[exact_norms]:
     """The active :class:`exact_norms`, when it is the innermost torch function mode (eager only)."""
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return None
-    mode = torch.overrides._get_current_function_mode()
+    mode = current_function_mode()
     return mode if isinstance(mode, exact_norms) else None
 
 
@@ -395,7 +397,7 @@ def _cumulative_factor_count(func: Callable[..., Any], args: Sequence[Any], kwar
     try:
         return func(*args, **kwargs)
     except RuntimeError as err:
-        if "vmap" not in str(err):
+        if not is_vmap_error(err):
             raise
         raise ValueError(
             "fparams.exact_norms: a BatchNorm layer with momentum=None (a cumulative average "
@@ -408,7 +410,7 @@ def _cumulative_factor_count(func: Callable[..., Any], args: Sequence[Any], kwar
 
 def _caller() -> Any:
     # the frame that called the tensor method (``__torch_function__`` is one up)
-    return None if torch.compiler.is_compiling() else sys._getframe(2)
+    return None if is_compiling() else caller_frame(2)
 
 
 def _is_batch_counter(t: Any, caller: Any) -> bool:
@@ -419,4 +421,4 @@ def _is_batch_counter(t: Any, caller: Any) -> bool:
     if caller is None:
         return True  # under dynamo, which cannot trace frame inspection: the test above
     owner = caller.f_locals.get("self")
-    return isinstance(owner, _BatchNorm) and t is owner.num_batches_tracked
+    return isinstance(owner, BATCH_NORMS) and t is getattr(owner, "num_batches_tracked", None)

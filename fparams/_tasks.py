@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from ._checks import check_callable, check_choice, check_dict, check_int
 from ._compile import compile_fallback
 from ._grads import grad_route
 from ._norms import exact_norms
+from ._torch_compat import pytree
 from ._types import Params, TensorDict
 
 STRATEGIES = ("auto", "vmap", "loop", "chunked")
@@ -141,16 +141,10 @@ def map_tasks(
         torch.Size([4])
     """
     where = "fparams.map_tasks"
-    if not callable(fn):
-        raise TypeError(f"{where}: `fn` must be a callable fn(params, *task); got {type(fn).__name__}.")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{where}: `strategy` must be one of {STRATEGIES}; got {strategy!r}.")
-    if randomness not in RANDOMNESS:
-        raise ValueError(f"{where}: `randomness` must be one of {RANDOMNESS}; got {randomness!r}.")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
-    ):
-        raise ValueError(f"{where}: `chunk_size` must be a positive int or None; got {chunk_size!r}.")
+    check_callable(where, "fn", fn, "fn(params, *task)")
+    check_choice(where, "strategy", strategy, STRATEGIES)
+    check_choice(where, "randomness", randomness, RANDOMNESS)
+    check_int(where, "chunk_size", chunk_size, 1, none_ok=True)
     if strategy == "chunked" and chunk_size is None:
         raise ValueError(f"{where}: strategy='chunked' needs `chunk_size` (tasks per vmap call).")
     if strategy in ("vmap", "loop") and chunk_size is not None:
@@ -220,13 +214,8 @@ def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
         >>> fparams.stack_tasks({"running_mean": torch.zeros(3)}, 4)["running_mean"].shape
         torch.Size([4, 3])
     """
-    if not isinstance(tensors, Mapping):
-        raise TypeError(
-            f"fparams.stack_tasks: `tensors` must be a dict of tensors (e.g. the buffers from "
-            f"fparams.split); got {type(tensors).__name__}."
-        )
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"fparams.stack_tasks: `num_tasks` must be an int >= 1; got {num_tasks!r}.")
+    check_dict("fparams.stack_tasks", "tensors", tensors)
+    check_int("fparams.stack_tasks", "num_tasks", num_tasks, 1)
     return {k: t.detach().unsqueeze(0).repeat(num_tasks, *([1] * t.dim())) for k, t in tensors.items()}
 
 
