@@ -1,10 +1,22 @@
 """Normalization layers written with ordinary tensor ops, exact under vmap.
 
-torch 2.13's batching rules for the native ``batch_norm`` / ``layer_norm``
-kernels give silently wrong *second-order* gradients when a parameterised
-layer comes before the normalization (about 1% relative error in float64 on
-Linear -> BatchNorm1d -> ReLU -> Linear with one inner step), while the same
-maths written with ``mean`` / ``var`` / ``rsqrt`` is exact under vmap.
+torch's batching rules for the native ``batch_norm`` / ``layer_norm`` kernels
+give silently wrong *second-order* gradients when a parameterised layer comes
+before the normalization (about 1% relative error in float64 on Linear ->
+BatchNorm1d -> ReLU -> Linear with one inner step), while the same maths
+written with ``mean`` / ``var`` / ``rsqrt`` is exact under vmap. The closest
+upstream report is https://github.com/pytorch/functorch/issues/534 (the
+batching rule of the layer_norm and batch_norm backward is incorrect for
+``grad_input``), open at the time of writing. ``tests/test_norms.py`` keeps
+strict xfail canaries on raw ``torch.func``: when torch fixes this, they fail
+and say so.
+
+Three parts:
+
+* the normalization functions, plain tensor ops (``batch_norm`` ...);
+* :class:`StatsJournal`, which tracks running statistics updated in a loop
+  over tasks and rolls them back when two tasks share one;
+* :class:`exact_norms`, a thin ``TorchFunctionMode`` that dispatches to them.
 
 :class:`exact_norms` is a ``TorchFunctionMode`` that, while active and while
 a ``vmap`` is running, routes ``F.batch_norm``, ``F.layer_norm``,
@@ -188,8 +200,60 @@ def rms_norm(
     return out * weight if weight is not None else out
 
 
+class StatsJournal:
+    """Running statistics updated in a loop over tasks: which task changed each, and its value before.
+
+    A loop over tasks (``map_tasks``' loop) marks each task with
+    :meth:`begin_task`. A running statistic that two different tasks update is
+    shared across tasks, which vmap would reject: the journal then puts every
+    statistic it saw back to its value before the loop and raises the error
+    vmap raises. With one task nothing is shared, and a layer updates its
+    statistics as a plain PyTorch call does.
+    """
+
+    def __init__(self) -> None:
+        self.task: Optional[int] = None
+        # data_ptr -> (tensor, value before its first update, task that updated it); the
+        # journal holds the tensor, so that its memory is not reused while it is here
+        self._entries: Dict[int, Tuple[Tensor, Tensor, int]] = {}
+
+    def begin_task(self, index: int) -> None:
+        """Mark the start of task ``index``."""
+        self.task = index
+
+    def guard(self, running: Tensor, layer: str) -> None:
+        """Called before a running statistic (or BatchNorm's batch count) changes."""
+        if unbatched_under_vmap(running):
+            raise _shared_stats_error(layer, "a tensor without a task dimension, updated under vmap")
+        if self.task is None or grad_route() != "autograd":
+            return  # under a transform, torch itself rejects updates of captured tensors
+        key = running.data_ptr()
+        seen = self._entries.get(key)
+        if seen is None:
+            self._entries[key] = (running, running.detach().clone(), self.task)
+        elif seen[2] != self.task:
+            self.roll_back()
+            raise _shared_stats_error(layer, f"one tensor updated by task {seen[2]} and task {self.task}")
+
+    def roll_back(self) -> None:
+        """Put every statistic seen back to its value before the loop."""
+        with torch.no_grad():
+            for tensor, before, _ in self._entries.values():
+                tensor.copy_(before)
+        self._entries.clear()
+
+    def close(self) -> None:
+        """The loop is over: forget everything."""
+        self._entries.clear()
+        self.task = None
+
+
 class exact_norms(TorchFunctionMode):
     """Run the normalization functionals as plain tensor ops under vmap while active.
+
+    A thin dispatcher: normalization calls go to the plain-tensor functions
+    above (under vmap) or to torch's kernels (otherwise); updates of running
+    statistics pass through a :class:`StatsJournal` first.
 
     Args:
         batch_stats: batch and instance normalization use the statistics of
@@ -210,51 +274,22 @@ class exact_norms(TorchFunctionMode):
         super().__init__()
         self.batch_stats = batch_stats
         self.always = always
+        self.journal = StatsJournal()
         self._impls: Dict[Callable[..., Any], Callable[..., Tensor]] = {
             F.batch_norm: self._batch_norm,
             F.instance_norm: self._instance_norm,
             F.layer_norm: layer_norm,
             F.group_norm: group_norm,
         }
-        if hasattr(F, "rms_norm"):
+        if hasattr(F, "rms_norm"):  # torch >= 2.4
             self._impls[F.rms_norm] = rms_norm
         # these two handle running statistics, with or without vmap
         self._stateful = (F.batch_norm, F.instance_norm)
-        self._task: Optional[int] = None
         self._depth = 0  # nesting of ``with self`` (re-entered by :meth:`around`)
-        # data_ptr -> (tensor, value before its first update, task that updated it)
-        self._journal: Dict[int, Tuple[Tensor, Tensor, int]] = {}
 
     def begin_task(self, index: int) -> None:
-        """Mark the start of task ``index`` of a loop over tasks (``map_tasks``' loop).
-
-        From then on, a running statistic updated by two different tasks is
-        shared across tasks: every statistic updated in the loop gets its
-        value back, and the shared-statistics error is raised, as vmap raises
-        it. With one task nothing is shared, and the layer updates its
-        statistics as a plain PyTorch call does.
-        """
-        self._task = index
-
-    def _guard(self, running: Tensor, layer: str) -> None:
-        # Before a running statistic (or BatchNorm's batch count) changes.
-        if unbatched_under_vmap(running):
-            raise _shared_stats_error(layer, "a tensor without a task dimension, updated under vmap")
-        if self._task is None or grad_route() != "autograd":
-            return  # under a transform, torch itself rejects updates of captured tensors
-        key = running.data_ptr()
-        seen = self._journal.get(key)
-        if seen is None:  # the journal holds the tensor, so its memory is not reused
-            self._journal[key] = (running, running.detach().clone(), self._task)
-        elif seen[2] != self._task:
-            self._roll_back()
-            raise _shared_stats_error(layer, f"one tensor updated by task {seen[2]} and task {self._task}")
-
-    def _roll_back(self) -> None:
-        with torch.no_grad():
-            for tensor, before, _ in self._journal.values():
-                tensor.copy_(before)
-        self._journal.clear()
+        """Mark the start of task ``index`` of a loop over tasks (see :class:`StatsJournal`)."""
+        self.journal.begin_task(index)
 
     def __enter__(self) -> exact_norms:
         self._depth += 1
@@ -264,8 +299,7 @@ class exact_norms(TorchFunctionMode):
     def __exit__(self, *exc: Any) -> Any:
         self._depth -= 1
         if self._depth == 0:  # the outermost ``with``: the loop over tasks is over
-            self._journal.clear()
-            self._task = None
+            self.journal.close()
         return super().__exit__(*exc)
 
     @contextlib.contextmanager
@@ -336,21 +370,21 @@ class exact_norms(TorchFunctionMode):
         if self.always or vmap_active():
             return decomposed(
                 input, mean, var, weight, bias, use_input_stats, momentum, eps,
-                batch_stats=self.batch_stats, guard=self._guard,
+                batch_stats=self.batch_stats, guard=self.journal.guard,
             )  # fmt: skip
         # No vmap: torch's own kernel is exact (and fused), with the same semantics.
         if self.batch_stats:
             return kernel(input, None, None, weight, bias, True, momentum, eps)
         if use_input_stats and mean is not None and var is not None:
-            self._guard(mean, layer)
-            self._guard(var, layer)
+            self.journal.guard(mean, layer)
+            self.journal.guard(var, layer)
         return kernel(input, mean, var, weight, bias, use_input_stats, momentum, eps)
 
     def _count_batches(self, counter: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         # BatchNorm's forward runs ``num_batches_tracked.add_(1)`` itself.
         if self.batch_stats:
             return counter
-        self._guard(counter, "BatchNorm")
+        self.journal.guard(counter, "BatchNorm")
         try:
             return counter.add_(*args, **kwargs)
         except RuntimeError as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 from typing import Any, Callable, Dict, List, Tuple
@@ -444,13 +445,15 @@ def test_a_compiled_step_of_every_transform_equals_eager() -> None:
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
+    # torch < 2.6 has no set_stance: recompiles then go unnoticed, the values are still checked
+    stance = getattr(torch.compiler, "set_stance", lambda _: contextlib.nullcontext())
     g = torch.Generator().manual_seed(9)
     params = {"w": torch.randn(4, 3, generator=g, dtype=F64), "b": torch.randn(4, generator=g, dtype=F64)}
     eager_p, eager_s = params, opt.init(params)
     comp_p, comp_s = params, opt.init(params)
     for i in range(3):
         eager_p, eager_s = step(eager_p, eager_s)
-        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+        with stance("fail_on_recompile" if i else "default"):
             comp_p, comp_s = compiled(comp_p, comp_s)
         assert_dicts_close(comp_p, eager_p, rtol=1e-12, atol=1e-14)
     assert int(comp_s[2].step) == 3  # a plain chain: positions are the transforms' order
