@@ -15,9 +15,12 @@ Only Python numbers are range-checked.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-from typing import Any, Collection, Mapping, Optional, Tuple, Type, Union
+import os
+import types
+from typing import Any, Callable, Collection, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -217,3 +220,55 @@ def check_state(where: str, state: object, kind: Type[Any]) -> None:
             f"{where}: `state` must be the {kind.__name__} that this transform's init() returned; "
             f"got {type(state).__name__}."
         )
+
+
+# -- where fparams' errors are shown ------------------------------------------------------
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Files whose frames a traceback of an fparams error leaves out: fparams' own and torch's.
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def is_fparams_error(err: BaseException) -> bool:
+    """One of fparams' own input errors (its message starts with ``fparams.``)."""
+    return isinstance(err, (TypeError, ValueError)) and str(err).startswith("fparams.")
+
+
+def user_frames(tb: Optional[types.TracebackType]) -> Optional[types.TracebackType]:
+    """``tb`` without the frames of files inside fparams or torch (the user's frames stay)."""
+    kept = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_INTERNAL):
+            kept.append(tb)
+        tb = tb.tb_next
+    out = None
+    for entry in reversed(kept):
+        out = types.TracebackType(out, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return out
+
+
+def reports_errors_here(fn: F) -> F:
+    """Raise fparams' own errors from ``fn`` with fparams' and torch's frames left out.
+
+    A mistake caught deep inside a call (a BatchNorm layer updating shared
+    statistics under vmap, found inside torch's vmap and fparams' dispatch)
+    would otherwise end a traceback of twenty frames that are not the user's.
+    The user's own frames stay, so the line that made the mistake is shown.
+    Other exceptions, torch's included, keep their full traceback. Set the
+    environment variable ``FPARAMS_FULL_TRACEBACKS=1`` to keep every frame.
+    """
+    if os.environ.get("FPARAMS_FULL_TRACEBACKS"):
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # noqa: F841 - pytest and IPython hide this frame too
+        try:
+            return fn(*args, **kwargs)
+        except (TypeError, ValueError) as err:
+            if not is_fparams_error(err):
+                raise
+            raise err.with_traceback(user_frames(err.__traceback__))  # noqa: B904 - the same error
+
+    return call  # type: ignore[return-value]

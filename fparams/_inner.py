@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import check_dict, check_int, check_lr, check_rate_keys, check_rate_shapes
+from ._checks import check_dict, check_int, check_lr, check_rate_keys, check_rate_shapes, reports_errors_here
 from ._grads import grad_route, inner_grad
 from ._norms import innermost_exact_norms
 from ._torch_compat import is_captured_update_error, is_nonscalar_grad_error
@@ -34,6 +34,7 @@ def check_rates(
     return dict.fromkeys(names, lr)
 
 
+@reports_errors_here
 def adapt(
     loss_fn: Callable[..., Tensor],
     params: TensorDict,
@@ -138,13 +139,14 @@ def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: boo
                 "explicitly: fparams.adapt(loss_fn, params, ..., buffers=b) with "
                 "loss_fn(params, ..., buffers) calling arch(params, x, buffers=buffers); or use "
                 "batch statistics only (map_tasks(..., batch_stats=True) / "
-                "fparams.exact_norms(batch_stats=True)), or module.eval()."
-            ) from err
+                "fparams.exact_norms(batch_stats=True)), or module.eval(). "
+                f"torch said: {text.splitlines()[0]}"
+            ) from None
         if is_nonscalar_grad_error(err):
             raise ValueError(
                 "fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); "
                 f"torch said: {text.splitlines()[0]}"
-            ) from err
+            ) from None
         raise
 
 

@@ -85,7 +85,7 @@ def _update_running(
     except RuntimeError as err:
         if not is_shared_stats_error(err):
             raise
-        raise _shared_stats_error(layer, err) from err
+        raise _shared_stats_error(layer, err) from None  # the message quotes torch's
 
 
 def _channel_shape(x: Tensor) -> List[int]:
@@ -390,7 +390,7 @@ class exact_norms(TorchFunctionMode):
         except RuntimeError as err:
             if not is_shared_stats_error(err):
                 raise
-            raise _shared_stats_error("BatchNorm", err) from err
+            raise _shared_stats_error("BatchNorm", err) from None
 
     def __torch_function__(
         self,
@@ -439,7 +439,7 @@ def _cumulative_factor_count(func: Callable[..., Any], args: Sequence[Any], kwar
             "cannot differ per task under vmap. Give the layer a numeric momentum, use "
             "map_tasks(..., strategy='loop'), or normalize with batch statistics only: "
             "map_tasks(..., batch_stats=True)."
-        ) from err
+        ) from None  # torch's text (.item() under vmap) adds nothing
 
 
 def _caller() -> Any:

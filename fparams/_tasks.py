@@ -8,7 +8,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._checks import check_callable, check_choice, check_dict, check_int
+from ._checks import check_callable, check_choice, check_dict, check_int, reports_errors_here
 from ._compile import compile_fallback
 from ._grads import grad_route
 from ._norms import exact_norms
@@ -153,6 +153,7 @@ def map_tasks(
             f"strategy={strategy!r} with chunk_size={chunk_size}."
         )
 
+    @reports_errors_here
     def run(params: Any, *task_batches: Any) -> Any:
         if not task_batches:
             raise TypeError(
@@ -275,6 +276,7 @@ def meta_value_and_grad(
             return _per_task_losses(out[0]).mean(), out[1]
         return _per_task_losses(out).mean()
 
+    @reports_errors_here
     def step(params: Any, *task_batches: Any) -> Any:
         if grad_route() == "autograd":  # eager, no transform (torch.compile traces the other branch)
             flat, spec = pytree.tree_flatten(params)
@@ -318,6 +320,7 @@ def _compiled_step(
 
     per_task = compile_fallback(one_task)
 
+    @reports_errors_here
     def run(params: Any, *task_batches: Any) -> Any:
         n = _num_tasks("fparams.meta_value_and_grad", task_batches)
         if _resolve(strategy, chunk_size, randomness, task_batches, n) != "loop":

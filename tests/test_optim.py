@@ -915,3 +915,10 @@ def test_a_state_prints_names_and_shapes_not_values() -> None:
     assert repr(optim.scale_by_rms().init({"w": torch.zeros(2, dtype=F64)})) == (
         "ScaleByRmsState(nu={'w': float64[2]}, mu={})"
     )
+
+
+def test_a_hand_made_transformation_prints_its_functions() -> None:
+    adam = optim.adam()
+    mixed = optim.GradientTransformation(adam.init, optim.sgd().update)  # not adam any more
+    assert repr(mixed).startswith("GradientTransformation(init=<function")
+    assert repr(optim.GradientTransformation(len, len)).startswith("GradientTransformation(init=<built-in")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .._checks import check_betas, check_flag, check_hyper, check_lr
 from .._types import LR
-from ._base import Described, EmptyState, GradientTransformation, Hyper, format_call, is_nonzero, state_repr
+from ._base import EmptyState, GradientTransformation, Hyper, described, format_call, is_nonzero, state_repr
 from ._transforms import (
     ScaleByAdamState,
     ScaleByRmsState,
@@ -82,10 +82,10 @@ def _decay(weight_decay: Hyper) -> GradientTransformation:
 
 def _named(
     opt: GradientTransformation, name: str, shown: Dict[str, Any], optional: Dict[str, Any]
-) -> Described:
+) -> GradientTransformation:
     # The optimizer prints as its call: ``shown`` always, ``optional`` where not at its default.
     extra = {k: v for k, v in optional.items() if is_nonzero(v)}  # False, 0 and 0.0 are defaults
-    return Described(opt.init, opt.update, format_call(name, **shown, **extra))
+    return described(opt.init, opt.update, format_call(name, **shown, **extra))
 
 
 def sgd(

@@ -8,6 +8,7 @@ and a new state. Nothing is changed in place, so a step is a pure function that
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping, NamedTuple, Optional, Protocol, Tuple
 
 import torch
@@ -53,19 +54,30 @@ class GradientTransformation(NamedTuple):
     init: InitFn
     update: UpdateFn
 
-
-class Described(GradientTransformation):
-    """A :class:`GradientTransformation` that prints as the call that built it."""
-
-    description: str
-
-    def __new__(cls, init: InitFn, update: UpdateFn, description: str) -> Described:
-        self = super().__new__(cls, init, update)
-        self.description = description
-        return self
-
     def __repr__(self) -> str:
-        return self.description
+        text = _description(self)
+        if text is None:
+            return f"GradientTransformation(init={self.init!r}, update={self.update!r})"
+        return text
+
+
+#: What each optimizer built here prints as: ``init -> (weakref to update, text)``. Kept
+#: outside the NamedTuple, which stays a plain one (torch.compile traces plain NamedTuples).
+_DESCRIPTIONS: weakref.WeakKeyDictionary[Any, Tuple[Any, str]] = weakref.WeakKeyDictionary()
+
+
+def described(init: InitFn, update: UpdateFn, text: str) -> GradientTransformation:
+    """``GradientTransformation(init, update)`` that prints as ``text`` (the call that built it)."""
+    _DESCRIPTIONS[init] = (weakref.ref(update), text)
+    return GradientTransformation(init, update)
+
+
+def _description(opt: GradientTransformation) -> Optional[str]:
+    try:
+        entry = _DESCRIPTIONS.get(opt.init)
+    except TypeError:  # an init that cannot be weakly referenced: not one of ours
+        return None
+    return entry[1] if entry is not None and entry[0]() is opt.update else None
 
 
 class EmptyState(NamedTuple):

@@ -16,7 +16,6 @@ from .._checks import check_betas, check_dict, check_flag, check_hyper, check_lr
 from .._transforms import map_params, zeros_like
 from .._types import LR, TensorDict, Updates
 from ._base import (
-    Described,
     EmptyState,
     GradientTransformation,
     Hyper,
@@ -24,6 +23,7 @@ from ._base import (
     bias_correction,
     check_grads,
     check_params,
+    described,
     ema,
     ema_square,
     format_call,
@@ -166,7 +166,7 @@ def _chain(
             new_state.append(s)
         return dict(updates), pack(new_state)
 
-    return Described(init, update, description)
+    return described(init, update, description)
 
 
 def identity() -> GradientTransformation:
@@ -190,7 +190,7 @@ def identity() -> GradientTransformation:
         check_dict(where, "grads", grads)
         return dict(grads), state
 
-    return Described(init, update, "identity()")
+    return described(init, update, "identity()")
 
 
 def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
@@ -218,7 +218,7 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
         params = check_params(where, params, grads)
         return {k: g + weight_decay * params[k] for k, g in grads.items()}, state
 
-    return Described(init, update, format_call("add_decayed_weights", weight_decay=weight_decay))
+    return described(init, update, format_call("add_decayed_weights", weight_decay=weight_decay))
 
 
 def scale_by_learning_rate(lr: LR) -> GradientTransformation:
@@ -248,7 +248,7 @@ def scale_by_learning_rate(lr: LR) -> GradientTransformation:
         check_rate_keys(where, per_name, grads, per_name)
         return {k: -per_name[k] * g for k, g in grads.items()}, state
 
-    return Described(init, update, format_call("scale_by_learning_rate", lr=lr))
+    return described(init, update, format_call("scale_by_learning_rate", lr=lr))
 
 
 def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> GradientTransformation:
@@ -299,7 +299,7 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
 
     extra = {"dampening": dampening} if is_nonzero(dampening) else {}
     extra.update({"nesterov": True} if nesterov else {})
-    return Described(init, update, format_call("trace", momentum=momentum, **extra))
+    return described(init, update, format_call("trace", momentum=momentum, **extra))
 
 
 def scale_by_adam(
@@ -347,7 +347,7 @@ def scale_by_adam(
         return updates, ScaleByAdamState(step, mu, nu, nu_max)
 
     extra = {"amsgrad": True} if amsgrad else {}
-    return Described(init, update, format_call("scale_by_adam", betas=tuple(betas), eps=eps, **extra))
+    return described(init, update, format_call("scale_by_adam", betas=tuple(betas), eps=eps, **extra))
 
 
 def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False) -> GradientTransformation:
@@ -387,4 +387,4 @@ def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False)
         return updates, ScaleByRmsState(nu, mu)
 
     extra = {"centered": True} if centered else {}
-    return Described(init, update, format_call("scale_by_rms", alpha=alpha, eps=eps, **extra))
+    return described(init, update, format_call("scale_by_rms", alpha=alpha, eps=eps, **extra))
