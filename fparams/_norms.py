@@ -403,7 +403,7 @@ class exact_norms(TorchFunctionMode):
         if impl is not None:
             if func in self._stateful or self.always or vmap_active():
                 return impl(*args, **(kwargs or {}))
-            return func(*args, **(kwargs or {}))  # no vmap: torch's kernel is exact
+            return run_op(func, args, kwargs or {})  # no vmap: torch's kernel is exact
         if func is Tensor.add_ or func is Tensor.__float__:
             caller = _caller()
             if _is_batch_counter(args[0], caller):
@@ -415,7 +415,21 @@ class exact_norms(TorchFunctionMode):
                     return max(1.0, func(*args, **(kwargs or {})))
                 if caller is not None:
                     return _cumulative_factor_count(func, args, kwargs or {})
-        return func(*args, **(kwargs or {}))
+        return run_op(func, args, kwargs or {})
+
+
+def _op_runner() -> Callable[[Callable[..., Any], Sequence[Any], Dict[str, Any]], Any]:
+    # A warning that torch raises in C++ (vmap's "performance drop" fallback ...) is
+    # reported at the innermost Python frame. For every op under the mode that is the
+    # frame that runs it: so that torch's message is not reported at a line of
+    # fparams, ops run from this one-line function, compiled under a name of its own.
+    source = "def run_op(func, args, kwargs):\n    return func(*args, **kwargs)\n"
+    namespace: Dict[str, Any] = {}
+    exec(compile(source, "<torch op, run under fparams.exact_norms>", "exec"), namespace)
+    return namespace["run_op"]
+
+
+run_op = _op_runner()
 
 
 def innermost_exact_norms() -> Optional[exact_norms]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import traceback
+import warnings
 from typing import Any, List
 
 import pytest
@@ -78,3 +79,20 @@ def test_full_tracebacks_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
         wrapped()
     # inner() lives in tests/, not in fparams or torch: it stays
     assert [f.name for f in _frames(info.value)][-1] == "inner"
+
+
+def test_a_warning_torch_raises_under_exact_norms_does_not_blame_fparams() -> None:
+    # vmap's fallback warning for an op without a batching rule, raised in C++: it is
+    # reported at the innermost Python frame, which is the one running the op.
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_norm(x, torch.ones(3, 1), 0)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fparams.map_tasks(lambda p, x: op(x), strategy="vmap")({}, torch.ones(2, 3, 4))
+    record = [w for w in record if "performance drop" in str(w.message)]
+    if not record:
+        pytest.skip("this torch has a batching rule for _weight_norm: no fallback warning")
+    for w in record:
+        assert not w.filename.startswith(INTERNAL[0]), (w.filename, w.lineno)
+        assert w.filename == "<torch op, run under fparams.exact_norms>"
