@@ -302,8 +302,8 @@ def _compiled_step(
     # vmap: the whole step is one graph. The loop: one task's step is compiled
     # once and called per task (the same shapes, so one graph); the mean of the
     # per-task gradients is the gradient of the mean loss. Compiling the
-    # unrolled loop instead made a graph per task, which took over 10 minutes
-    # to compile for a 4-block conv net and 8 tasks.
+    # unrolled loop instead would make one graph per task, each compiled anew
+    # (benchmarks/bench_tasks.py measures the compile times).
     whole = compile_fallback(step)
 
     def one_task(params: Any, *task: Any) -> Any:

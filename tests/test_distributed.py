@@ -432,7 +432,7 @@ def test_demo_sharded_meta_grad_trains_like_one_process(tmp_path: pathlib.Path) 
     assert ranks[0]["losses"] == pytest.approx(expected["losses"], rel=1e-5)
 
 
-@pytest.mark.slow  # three torch imports: ~20 s of CPU
+@pytest.mark.slow  # three fresh interpreters, each importing torch
 def test_demo_under_torchrun_with_two_processes_reports_once(tmp_path: pathlib.Path) -> None:
     # The numbers equal one process's: test_demo_sharded_meta_grad_trains_like_one_process checks
     # that on the functions the command runs, without a second (slow) run of the command here.
