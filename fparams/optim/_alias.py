@@ -32,7 +32,13 @@ from ._transforms import (
 
 
 class SgdState(NamedTuple):
-    """State of :func:`sgd`. ``momentum`` is kept (holding the last gradient) even at momentum 0."""
+    """State of :func:`sgd`. ``momentum`` is kept (holding the last gradient) even at momentum 0.
+
+    Example:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.sgd(0.1).init({"w": torch.zeros(2)}).momentum.trace
+        {'w': tensor([0., 0.])}
+    """
 
     weight_decay: EmptyState
     momentum: TraceState
@@ -43,7 +49,14 @@ class SgdState(NamedTuple):
 
 
 class AdamState(NamedTuple):
-    """State of :func:`adam`: ``state.adam.mu``, ``state.adam.nu``, ``state.adam.step`` ..."""
+    """State of :func:`adam`: ``state.adam.mu``, ``state.adam.nu``, ``state.adam.step`` ...
+
+    Example:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.adam(0.1).init({"w": torch.zeros(2)})
+        AdamState(weight_decay=EmptyState(), adam=ScaleByAdamState(step=0, mu={'w': float32[2]}, \
+nu={'w': float32[2]}, nu_max={}), lr=EmptyState())
+    """
 
     weight_decay: EmptyState
     adam: ScaleByAdamState
@@ -54,7 +67,13 @@ class AdamState(NamedTuple):
 
 
 class AdamWState(NamedTuple):
-    """State of :func:`adamw` (the decay comes after Adam's direction)."""
+    """State of :func:`adamw` (the decay comes after Adam's direction).
+
+    Example:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.adamw(0.1).init({"w": torch.zeros(2)})._fields
+        ('adam', 'weight_decay', 'lr')
+    """
 
     adam: ScaleByAdamState
     weight_decay: EmptyState
@@ -65,7 +84,13 @@ class AdamWState(NamedTuple):
 
 
 class RmspropState(NamedTuple):
-    """State of :func:`rmsprop`: ``state.rms.nu``, and ``state.momentum.trace``."""
+    """State of :func:`rmsprop`: ``state.rms.nu``, and ``state.momentum.trace``.
+
+    Example:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.rmsprop().init({"w": torch.zeros(2)}).rms
+        ScaleByRmsState(nu={'w': float32[2]}, mu={})
+    """
 
     weight_decay: EmptyState
     rms: ScaleByRmsState
