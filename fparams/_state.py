@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
-from ._torch_compat import refresh_rnn
+from ._torch_compat import check_module_slots, refresh_rnn
 from ._types import Buffers, Params
 
 #: ``fn(name, tensor) -> tensor``: the replacement for one tensor slot.
@@ -114,6 +114,7 @@ def rebuild(
     ``buffers(name, t)`` give the tensor for each slot. The original tree is
     not touched.
     """
+    check_module_slots("fparams")
     modules: Dict[int, nn.Module] = {}
     return _copy(module, "", params, buffers, memo if memo is not None else {}, modules)
 
@@ -158,6 +159,7 @@ def rewrite(
     shims (``update_module``, ``detach_module``) call it. ``modules`` is
     ``tree(module)`` when the caller has already walked it.
     """
+    check_module_slots("fparams")
     memo = memo if memo is not None else {}
     for prefix, m in modules if modules is not None else tree(module):
         _fill(m, prefix, params, buffers, memo)

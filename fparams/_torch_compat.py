@@ -8,26 +8,27 @@ missing or has moved, the name below falls back to something that still works
 work, to a function that raises a clear error when that feature is used.
 ``import fparams`` never fails because an internal moved.
 
-=========================  ===============================  ======================================
-what                       used by                          fallback where it is missing
-=========================  ===============================  ======================================
-functorch interpreters,    ``_grads``: the fast inner-      ``FUNCTORCH is None``: ``adapt``
-batched-tensor helpers     gradient routes                  takes ``torch.func.grad`` everywhere
-``torch.utils._pytree``    ``_tasks``: task batches         none needed: ``torch.func`` itself
-                                                            depends on it
-``_BatchNorm``             ``_norms``: the batch counter    the public BatchNorm classes
-TorchFunctionMode stack    ``_norms`` / ``_inner``: step    the mode stays active throughout
-(``_pop_mode_temporarily``) out of ``exact_norms`` for      (slower, same numbers)
-                           bookkeeping
-``sys._getframe``          ``_norms``: who called           ``inspect.currentframe``
-                           ``Tensor.add_``
-Module slot dicts          ``_state`` / ``_call``           none: a clear error on use
-RNN ``_flat_weights``      ``_state``: swapped RNN weights  a clear error when an RNN is cloned
-torch's error texts        ``_inner`` / ``_norms``: our     torch's own message surfaces
-                           messages for known mistakes
-dynamo's exception types   ``_compile``: compile failure    the exception's module name
-                           or the user's own error?
-=========================  ===============================  ======================================
+What, who uses it, and the fallback where it is missing:
+
+* functorch's interpreter stack and batched-tensor helpers (``_grads``, the
+  fast inner-gradient routes): ``FUNCTORCH is None``, and ``adapt`` takes
+  ``torch.func.grad`` everywhere (same numbers, slower).
+* ``torch.utils._pytree`` (``_tasks``, task batches): none needed, since
+  ``torch.func`` itself is built on it.
+* ``_BatchNorm`` (``_norms``, recognising the batch counter): the public
+  BatchNorm classes.
+* the TorchFunctionMode stack, ``_get_current_function_mode`` and
+  ``_pop_mode_temporarily`` (``_inner`` steps out of ``exact_norms`` for its
+  bookkeeping): the mode stays active throughout (same numbers, slower).
+* ``sys._getframe`` (``_norms``, who called ``Tensor.add_``): ``inspect.currentframe``.
+* the Module slot dicts ``_parameters`` / ``_buffers`` / ``_modules``
+  (``_state``, ``_call``): none; split, clone and update raise a clear error.
+* RNN ``_flat_weights`` (``_state``, RNN clones run on their new weights): a
+  clear error when an RNN is cloned or updated.
+* torch's error texts (``_inner``, ``_norms``: fparams' messages for known
+  mistakes): torch's own message surfaces, unexplained.
+* dynamo's exception types (``_compile``: a compile failure, or the user's own
+  error?): the module that defines the exception's class decides.
 """
 
 from __future__ import annotations
