@@ -227,7 +227,7 @@ def check_state(where: str, state: object, kind: Type[Any]) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Files whose frames a traceback of an fparams error leaves out: fparams' own and torch's.
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+_INTERNAL = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
 
 
 def is_fparams_error(err: BaseException) -> bool:
