@@ -251,7 +251,10 @@ class StatsJournal:
 class exact_norms(TorchFunctionMode):
     """Run the normalization functionals as plain tensor ops under vmap while active.
 
-    A thin dispatcher: normalization calls go to the plain-tensor functions
+    Why: under vmap, torch's native batch and layer normalization give wrong
+    second-order gradients (closest upstream report:
+    https://github.com/pytorch/functorch/issues/534); the same maths in plain
+    tensor ops is exact. A thin dispatcher: normalization calls go to the plain-tensor functions
     above (under vmap) or to torch's kernels (otherwise); updates of running
     statistics pass through a :class:`StatsJournal` first.
 
