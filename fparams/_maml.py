@@ -121,7 +121,7 @@ class MAML(_Learner):
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         if allow_unused is None:
             allow_unused = self.allow_unused or allow_nograd
-        grads = _grads("MAML.adapt", self.module, loss, not first_order, allow_unused, allow_nograd)
+        grads = _grads("fparams.MAML.adapt", self.module, loss, not first_order, allow_unused, allow_nograd)
         if is_optimizer(self.lr):
             updates = self._optimizer_updates(grads)
         else:
@@ -208,6 +208,6 @@ class MetaSGD(_Learner):
     def adapt(self, loss: Tensor, first_order: Optional[bool] = None) -> None:
         """One step ``p - lr * g`` with the learned rates, in place."""
         first_order = self.first_order if first_order is None else first_order
-        grads = _grads("MetaSGD.adapt", self.module, loss, not first_order, False, False)
+        grads = _grads("fparams.MetaSGD.adapt", self.module, loss, not first_order, False, False)
         updates = [None if g is None else -lr * g for lr, g in zip(self.lrs, grads)]
         self.module = update_module(self.module, updates=updates)
