@@ -114,11 +114,16 @@ def check_hyper(
     raise ValueError(f"{where}: `{name}` must be {valid}; got {value!r}.")
 
 
-def check_lr(where: str, lr: object, *, optimizer_ok: bool = False) -> Optional[Mapping[str, Hyper]]:
+def check_lr(
+    where: str, lr: object, *, optimizer_ok: bool = False, per_step_ok: bool = False
+) -> Optional[Mapping[str, Hyper]]:
     """The one learning-rate rule: a finite number >= 0, a tensor, or a dict of those per name.
 
     Returns the dict of per-name rates, or None for one shared rate. Which
     names a dict must cover is the caller's to check (:func:`check_rate_keys`).
+    ``optimizer_ok`` and ``per_step_ok`` only add what else the caller accepts
+    (an optimizer, a list of per-step rates) to the message; the caller
+    handles those before calling this on a rate.
     """
     if isinstance(lr, Mapping):
         for k, v in lr.items():
@@ -127,12 +132,10 @@ def check_lr(where: str, lr: object, *, optimizer_ok: bool = False) -> Optional[
     if isinstance(lr, Tensor) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
         check_hyper(where, "lr", lr)
         return None
-    kinds = "a number, a tensor" + (
-        ", a dict of per-parameter rates or an fparams.optim optimizer"
-        if optimizer_ok
-        else " or a dict of per-parameter rates"
-    )
-    raise TypeError(f"{where}: `lr` must be {kinds}; got {describe(lr)}.")
+    kinds = ["a number", "a tensor", "a dict of per-parameter rates"]
+    kinds += ["a list of per-step rates"] * per_step_ok + ["an fparams.optim optimizer"] * optimizer_ok
+    listed = ", ".join(kinds[:-1]) + " or " + kinds[-1]
+    raise TypeError(f"{where}: `lr` must be {listed}; got {describe(lr)}.")
 
 
 def check_rate_keys(

@@ -42,6 +42,9 @@ ERRORS = [
     (lambda: c.check_lr(W, None, optimizer_ok=True), TypeError,
      "fparams.f: `lr` must be a number, a tensor, a dict of per-parameter rates or an fparams.optim "
      "optimizer; got NoneType None."),
+    (lambda: c.check_lr(W, None, optimizer_ok=True, per_step_ok=True), TypeError,
+     "fparams.f: `lr` must be a number, a tensor, a dict of per-parameter rates, a list of per-step "
+     "rates or an fparams.optim optimizer; got NoneType None."),
     (lambda: c.check_lr(W, -1), ValueError, "fparams.f: `lr` must be a finite number >= 0; got -1."),
     (lambda: c.check_lr(W, {"w": -0.5}), ValueError,
      "fparams.f: `lr['w']` must be a finite number >= 0; got -0.5."),
