@@ -33,7 +33,7 @@ class Architecture:
     (buffers a layer updates in place, such as BatchNorm's running statistics,
     are the tensors passed in ``buffers``).
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, buffers = fparams.split(torch.nn.Linear(3, 1))
         >>> arch(params, torch.ones(2, 3)).shape
@@ -88,7 +88,7 @@ class Architecture:
         The copy shares everything but its tensor slots with the original; tied
         slots stay tied. ``buffers=None`` keeps the module's own buffers.
 
-        Example:
+        Examples:
             >>> import torch, fparams
             >>> arch, params, _ = fparams.split(torch.nn.Linear(3, 1))
             >>> net = arch.bind(fparams.clone(params))
@@ -189,7 +189,7 @@ def split(module: nn.Module) -> Tuple[Architecture, Params, Buffers]:
     ``named_parameters()`` / ``named_buffers()`` give; a tied tensor appears
     once. Gradients taken through them land on the module's Parameters.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         >>> arch, params, buffers = fparams.split(net)

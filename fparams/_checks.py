@@ -155,12 +155,19 @@ def check_rate_shapes(where: str, lr: object, params: Mapping[str, Tensor]) -> N
     """A tensor learning rate must broadcast to each parameter's shape without changing it."""
     for k, p in params.items():
         rate = lr[k] if isinstance(lr, Mapping) else lr
-        if isinstance(rate, Tensor) and torch.broadcast_shapes(rate.shape, p.shape) != p.shape:
+        if isinstance(rate, Tensor) and not _keeps_shape(rate.shape, p.shape):
             raise ValueError(
                 f"{where}: the learning rate for {k!r} has shape {tuple(rate.shape)}, which would "
                 f"change the parameter's shape {tuple(p.shape)}; give a scalar or a tensor of the "
                 f"parameter's shape."
             )
+
+
+def _keeps_shape(rate: torch.Size, shape: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(rate, shape) == shape
+    except RuntimeError:  # not broadcastable at all
+        return False
 
 
 def check_flag(where: str, name: str, value: object) -> None:

@@ -30,7 +30,7 @@ def compile_fallback(fn: F, **compile_kwargs: Any) -> F:
     error eager ``fn`` raises on them surfaces instead, and compilation stays
     on too. ``compile_kwargs`` go to ``torch.compile``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> f = fparams.compile(lambda x: torch.sin(x) * 2)
         >>> float(f(torch.zeros(())))

@@ -16,7 +16,7 @@ def magic_box(x: Any) -> Any:
     2018, "DiCE: The Infinitely Differentiable Monte-Carlo Estimator").
     Anything that is not a tensor is returned unchanged.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> logp = torch.tensor([0.3], requires_grad=True)
         >>> (fparams.magic_box(logp) * 5.0).sum().backward(); logp.grad

@@ -77,7 +77,7 @@ def adapt(
     Returns:
         A new dict with every name of ``params``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
         >>> x, y = torch.randn(8, 1), torch.randn(8, 1)

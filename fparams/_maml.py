@@ -81,7 +81,7 @@ class MAML(_Learner):
             update); defaults to ``allow_nograd``.
         allow_nograd: skip parameters with ``requires_grad=False``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> maml = fparams.MAML(torch.nn.Linear(2, 1), lr=0.1)
         >>> learner = maml.clone()
@@ -161,7 +161,7 @@ class MetaSGD(_Learner):
     parameters are one tensor of ``parameters()``, so they share one rate and
     stay tied.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> meta = fparams.MetaSGD(torch.nn.Linear(2, 1), lr=0.1)
         >>> learner = meta.clone()

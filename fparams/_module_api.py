@@ -46,7 +46,7 @@ def clone_module(module: Any, memo: Optional[TensorMemo] = None) -> Any:
         memo: optional ``{id(tensor): (tensor, clone)}`` shared between calls,
             to keep tensors tied across several cloned modules.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> net = torch.nn.Sequential(torch.nn.Linear(20, 10), torch.nn.ReLU(), torch.nn.Linear(10, 2))
         >>> clone = fparams.clone_module(net)
@@ -84,7 +84,7 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
     detached tensors require grad where the old ones did, so the module starts
     a fresh graph.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> net = torch.nn.Linear(20, 2)
         >>> clone = fparams.clone_module(net)
@@ -158,7 +158,7 @@ def update_module(
             parameters, or an update's shape differs from its parameter's.
         TypeError: an update is neither a tensor nor ``None``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> model = torch.nn.Linear(3, 1)
         >>> error = model(torch.randn(4, 3)).pow(2).mean()
@@ -218,7 +218,7 @@ def clone_distribution(dist: Distribution) -> Distribution:
     :func:`clone_module`; nested distributions and transforms (and lists of
     them) are cloned recursively. The original is not changed.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> loc = torch.zeros(2, requires_grad=True)
         >>> d = fparams.clone_distribution(torch.distributions.Normal(loc, 1.0))
@@ -253,7 +253,7 @@ def detach_distribution(dist: Distribution) -> Distribution:
     detached with :func:`detach_module` (and kept), nested distributions and
     transforms are detached recursively. Returns ``dist``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> loc = torch.zeros(2, requires_grad=True)
         >>> d = fparams.detach_distribution(torch.distributions.Normal(loc * 2, 1.0))

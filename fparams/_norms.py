@@ -264,7 +264,7 @@ class exact_norms(TorchFunctionMode):
         always: decompose even where no vmap runs (torch's kernels are exact
             there; this is for checking the decompositions against them).
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> bn = torch.nn.BatchNorm1d(3)
         >>> with fparams.exact_norms():

@@ -130,7 +130,7 @@ def map_tasks(
         batch_stats: batch normalization uses the statistics of each task's
             batch and never updates running statistics.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
         >>> mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()
@@ -210,7 +210,7 @@ def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
     result to the mapped function as a task argument, and return the updated
     buffers from it.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> fparams.stack_tasks({"running_mean": torch.zeros(3)}, 4)["running_mean"].shape
         torch.Size([4, 3])
@@ -252,7 +252,7 @@ def meta_value_and_grad(
     is compiled once and called for every task (the gradient of the mean loss
     is the mean of the per-task gradients), rather than one graph per task.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> arch, params, _ = fparams.split(torch.nn.Linear(1, 1))
         >>> mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()

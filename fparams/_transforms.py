@@ -22,7 +22,7 @@ _NOT_PARAMS = "Every key must name a parameter."
 def clone(tensors: TensorDict) -> Dict[str, Tensor]:
     """A copy of every tensor that stays in the autograd graph (``t.clone()``).
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> p = {"w": torch.ones(2, requires_grad=True)}
         >>> c = fparams.clone(p)
@@ -39,7 +39,7 @@ def detach(tensors: TensorDict, requires_grad: bool = False) -> Dict[str, Tensor
     With ``requires_grad=True`` every floating-point result is a fresh leaf
     that requires grad (the start of a new graph).
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> p = {"w": torch.ones(2, requires_grad=True) * 2}
         >>> fparams.detach(p)["w"].requires_grad
@@ -54,7 +54,7 @@ def detach(tensors: TensorDict, requires_grad: bool = False) -> Dict[str, Tensor
 def apply_updates(params: TensorDict, updates: Updates) -> Dict[str, Tensor]:
     """``p + u`` for every name in ``updates``; other params pass through.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> fparams.apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), 0.5)})
         {'w': tensor([1.5000, 1.5000])}
@@ -79,7 +79,7 @@ def sgd_step(params: TensorDict, grads: Grads, lr: LR) -> Dict[str, Tensor]:
     dict with one tensor per name in ``grads`` (Meta-SGD). Params without a
     gradient pass through.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> fparams.sgd_step({"w": torch.ones(2)}, {"w": torch.ones(2)}, lr=0.1)
         {'w': tensor([0.9000, 0.9000])}
@@ -100,7 +100,7 @@ def sgd_step(params: TensorDict, grads: Grads, lr: LR) -> Dict[str, Tensor]:
 def map_params(fn: Callable[..., Tensor], tensors: TensorDict, *rest: TensorDict) -> Dict[str, Tensor]:
     """``{k: fn(tensors[k], *(r[k] for r in rest))}``; every dict must have the same keys.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> fparams.map_params(torch.mul, {"w": torch.ones(2)}, {"w": torch.full((2,), 3.0)})
         {'w': tensor([3., 3.])}
@@ -121,7 +121,7 @@ def partition(tensors: TensorDict, filter: Filter) -> Tuple[Dict[str, Tensor], D
     iterable of those, or a predicate ``fn(name, tensor) -> bool``. A pattern
     that matches no name raises ``ValueError``.
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> p = {"body.w": torch.ones(1), "head.w": torch.zeros(1)}
         >>> head, body = fparams.partition(p, "head.*")
@@ -140,7 +140,7 @@ def partition(tensors: TensorDict, filter: Filter) -> Tuple[Dict[str, Tensor], D
 def combine(*dicts: TensorDict) -> Dict[str, Tensor]:
     """Merge dicts with disjoint keys (the inverse of :func:`partition`).
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> sorted(fparams.combine({"a": torch.ones(1)}, {"b": torch.ones(1)}))
         ['a', 'b']
@@ -161,7 +161,7 @@ def combine(*dicts: TensorDict) -> Dict[str, Tensor]:
 def zeros_like(tensors: TensorDict) -> Dict[str, Tensor]:
     """A dict of zeros shaped like ``tensors`` (a starting state for updates).
 
-    Example:
+    Examples:
         >>> import torch, fparams
         >>> fparams.zeros_like({"w": torch.ones(2)})
         {'w': tensor([0., 0.])}

@@ -117,7 +117,7 @@ def init_from_env(*, backend: Optional[str] = None, timeout: Optional[timedelta]
             stops the others at once; the timeout bounds the wait where
             nothing does.
 
-    Example:
+    Examples:
         >>> import fparams.distributed as fd
         >>> fd.init_from_env()  # run with plain `python`: no torchrun variables
         False
@@ -168,7 +168,7 @@ def _cuda_device(where: str) -> torch.device:
 def shutdown() -> None:
     """Destroy the default process group, if there is one (else do nothing).
 
-    Example:
+    Examples:
         >>> import fparams.distributed as fd
         >>> fd.shutdown()
     """
@@ -181,7 +181,7 @@ def is_main_process() -> bool:
 
     Use it to print progress, write files and save checkpoints once.
 
-    Example:
+    Examples:
         >>> import fparams.distributed as fd
         >>> fd.is_main_process()
         True
@@ -208,7 +208,7 @@ def shard_tasks(num_tasks: int, rank: Optional[int] = None, world_size: Optional
         rank, world_size: both or neither; neither means the default process
             group's.
 
-    Example:
+    Examples:
         >>> import fparams.distributed as fd
         >>> [fd.shard_tasks(5, rank=r, world_size=2) for r in range(2)]
         [slice(0, 3, None), slice(3, 5, None)]
@@ -414,7 +414,7 @@ def all_reduce_grads(
         ValueError: the ranks passed different names, shapes or dtypes, or
             every rank passed ``weight=0``.
 
-    Example:
+    Examples:
         >>> import torch, torch.distributed as dist, fparams.distributed as fd
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> fd.all_reduce_grads({"w": torch.tensor([1.0, 2.0])}, weight=3)
@@ -494,7 +494,7 @@ def all_reduce_buffers(
         weight: this rank's weight, a number >= 0 (its task count).
         group: the process group; the default one when ``None``.
 
-    Example:
+    Examples:
         >>> import torch, torch.distributed as dist, fparams.distributed as fd
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> bn = torch.nn.BatchNorm1d(2)
@@ -589,7 +589,7 @@ def broadcast_params(
         src: the global rank whose values win.
         group: the process group; the default one when ``None``.
 
-    Example:
+    Examples:
         >>> import torch, torch.distributed as dist, fparams.distributed as fd
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> fd.broadcast_params({"w": torch.ones(2, requires_grad=True)})
@@ -626,7 +626,7 @@ def broadcast_buffers(
         src: the global rank whose values win.
         group: the process group; the default one when ``None``.
 
-    Example:
+    Examples:
         >>> import torch, torch.distributed as dist, fparams.distributed as fd
         >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         >>> bn = torch.nn.BatchNorm1d(2)

@@ -54,6 +54,9 @@ ERRORS = [
     (lambda: c.check_rate_shapes(W, torch.ones(3, 1), {"w": torch.ones(3)}), ValueError,
      "fparams.f: the learning rate for 'w' has shape (3, 1), which would change the parameter's shape (3,); "
      "give a scalar or a tensor of the parameter's shape."),
+    (lambda: c.check_rate_shapes(W, torch.ones(4), {"w": torch.ones(3)}), ValueError,  # no broadcast at all
+     "fparams.f: the learning rate for 'w' has shape (4,), which would change the parameter's shape (3,); "
+     "give a scalar or a tensor of the parameter's shape."),
     (lambda: c.check_flag(W, "amsgrad", 1), TypeError,
      "fparams.f: `amsgrad` must be True or False; got int 1."),
     (lambda: c.check_betas(W, 0.9), TypeError,

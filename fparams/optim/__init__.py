@@ -10,7 +10,7 @@ can be differentiated (``torch.func.grad``), batched over tasks
 (``torch.func.vmap``) and compiled (``torch.compile``).
 Hyperparameters may be tensors that require grad and receive meta-gradients.
 
-Example:
+Examples:
     >>> import torch, fparams.optim
     >>> lr = torch.tensor(0.1, requires_grad=True)
     >>> opt = fparams.optim.adam(lr=lr)

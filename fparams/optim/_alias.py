@@ -34,7 +34,7 @@ from ._transforms import (
 class SgdState(NamedTuple):
     """State of :func:`sgd`. ``momentum`` is kept (holding the last gradient) even at momentum 0.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.sgd(0.1).init({"w": torch.zeros(2)}).momentum.trace
         {'w': tensor([0., 0.])}
@@ -51,7 +51,7 @@ class SgdState(NamedTuple):
 class AdamState(NamedTuple):
     """State of :func:`adam`: ``state.adam.mu``, ``state.adam.nu``, ``state.adam.step`` ...
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.adam(0.1).init({"w": torch.zeros(2)})
         AdamState(weight_decay=EmptyState(), adam=ScaleByAdamState(step=0, mu={'w': float32[2]}, \
@@ -69,7 +69,7 @@ nu={'w': float32[2]}, nu_max={}), lr=EmptyState())
 class AdamWState(NamedTuple):
     """State of :func:`adamw` (the decay comes after Adam's direction).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.adamw(0.1).init({"w": torch.zeros(2)})._fields
         ('adam', 'weight_decay', 'lr')
@@ -86,7 +86,7 @@ class AdamWState(NamedTuple):
 class RmspropState(NamedTuple):
     """State of :func:`rmsprop`: ``state.rms.nu``, and ``state.momentum.trace``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.rmsprop().init({"w": torch.zeros(2)}).rms
         ScaleByRmsState(nu={'w': float32[2]}, mu={})
@@ -126,7 +126,7 @@ def sgd(
     momentum buffer holds the last gradient (the state has the same fields
     whatever the hyperparameters).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.sgd(lr=0.1, momentum=0.9)
         >>> opt
@@ -173,7 +173,7 @@ def adam(
 ) -> GradientTransformation:
     """``torch.optim.Adam`` as a pure update rule; ``weight_decay`` is L2 (added to the gradient).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adam(lr=0.1)
         >>> opt
@@ -213,7 +213,7 @@ def adamw(
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam with decoupled weight decay ``-lr * weight_decay * p``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adamw(lr=0.1, weight_decay=0.5)
         >>> params = {"w": torch.tensor([2.0])}
@@ -250,7 +250,7 @@ def rmsprop(
 ) -> GradientTransformation:
     """``torch.optim.RMSprop`` as a pure update rule: L2 weight decay, centering, momentum.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.rmsprop(lr=0.01, alpha=0.0, eps=0.0)
         >>> params = {"w": torch.tensor([1.0])}

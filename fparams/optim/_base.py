@@ -42,7 +42,7 @@ class GradientTransformation(NamedTuple):
     ``update`` returns ``(updates, new_state)``; the updates are *added* to the
     params with ``fparams.apply_updates(params, updates)``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.sgd(lr=0.1)
         >>> params = {"w": torch.ones(2)}

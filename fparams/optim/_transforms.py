@@ -76,7 +76,7 @@ class ScaleByRmsState(NamedTuple):
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` one after the other; the state is a tuple of theirs.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.chain(optim.add_decayed_weights(0.5), optim.scale_by_learning_rate(0.1))
         >>> opt
@@ -99,7 +99,7 @@ def named_chain(state_type: Type[Any], **transforms: GradientTransformation) -> 
     hyperparameter switches off is kept in its place as :func:`identity`.
     The named optimizers (:func:`fparams.optim.adam` ...) are named chains.
 
-    Example:
+    Examples:
         >>> import typing, torch, fparams.optim as optim
         >>> class DecayThenScale(typing.NamedTuple):
         ...     decay: optim.EmptyState
@@ -172,7 +172,7 @@ def _chain(
 def identity() -> GradientTransformation:
     """Pass the updates through unchanged: the placeholder of a switched-off transform.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.identity()
         >>> opt.update({"w": torch.ones(1)}, opt.init({"w": torch.ones(1)}))
@@ -198,7 +198,7 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
 
     ``update`` needs ``params``.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.add_decayed_weights(0.1)
         >>> params = {"w": torch.full((2,), 2.0)}
@@ -227,7 +227,7 @@ def scale_by_learning_rate(lr: LR) -> GradientTransformation:
     ``lr`` is a number, a tensor (a learned rate), or a dict with one rate per
     parameter name (Meta-SGD style).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.scale_by_learning_rate(torch.tensor(0.5, requires_grad=True))
         >>> updates, _ = opt.update({"w": torch.ones(2)}, opt.init({"w": torch.ones(2)}))
@@ -259,7 +259,7 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
     ``nesterov=True``. With ``momentum`` the number 0 the update is ``g``, as
     torch.optim's, and the buffer holds ``g`` (the state keeps its fields).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.trace(0.5)
         >>> g, state = {"w": torch.ones(1)}, opt.init({"w": torch.zeros(1)})
@@ -312,7 +312,7 @@ def scale_by_adam(
     square root's gradient is 0 where ``v`` is 0, so parameters that never got
     a gradient do not turn meta-gradients into NaN.
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.scale_by_adam()
         >>> u, state = opt.update({"w": torch.tensor([3.0, -0.5])}, opt.init({"w": torch.zeros(2)}))
@@ -358,7 +358,7 @@ def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False)
     from it first. ``eps`` is added outside the square root (torch's rule, not
     optax's).
 
-    Example:
+    Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.scale_by_rms(alpha=0.75, eps=0.0)
         >>> opt.update({"w": torch.tensor([2.0])}, opt.init({"w": torch.zeros(1)}))[0]
