@@ -19,7 +19,9 @@ import functools
 import math
 import numbers
 import os
+import sys
 import types
+import warnings
 from typing import Any, Callable, Collection, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
@@ -282,3 +284,18 @@ def reports_errors_here(fn: F) -> F:
             raise err.with_traceback(user_frames(err.__traceback__))  # noqa: B904 - the same error
 
     return call  # type: ignore[return-value]
+
+
+def warn_in_user_code(message: str, category: Type[Warning]) -> None:
+    """``warnings.warn`` attributed to the innermost frame outside fparams and torch.
+
+    A fixed ``stacklevel`` breaks as soon as a wrapper (such as
+    :func:`reports_errors_here`) or another internal call adds a frame; this
+    counts the frames instead, so the warning names the user's line.
+    """
+    frame = sys._getframe(1)  # the caller: stacklevel 2
+    level = 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

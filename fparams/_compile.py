@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, Callable, TypeVar
 
 import torch
 
+from ._checks import warn_in_user_code
 from ._torch_compat import is_compile_error
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,11 +56,10 @@ def compile_fallback(fn: F, **compile_kwargs: Any) -> F:
         name = getattr(fn, "__qualname__", repr(fn))
         text = str(failure).strip()
         first = text.splitlines()[0] if text else ""
-        warnings.warn(
+        warn_in_user_code(
             f"fparams.compile: torch.compile failed on {name} ({type(failure).__name__}: "
             f"{first[:300]}); running it eagerly from now on.",
             CompileFallbackWarning,
-            stacklevel=2,
         )
         return out
 

@@ -259,3 +259,16 @@ def test_compile_error_classification() -> None:
     assert fparams._torch_compat.is_compile_error(torch._dynamo.exc.Unsupported("x"))
     assert not fparams._torch_compat.is_compile_error(ValueError("x"))
     assert not fparams._torch_compat.is_compile_error(RuntimeError("shape mismatch"))
+
+
+def test_the_fallback_warning_names_the_callers_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted, not a fixed stacklevel: through meta_value_and_grad's wrappers too.
+    monkeypatch.setattr(torch, "compile", _failing_compile([]))
+    params = _params()
+    data = task_data(3, shots=5, features=1)
+    with pytest.warns(fparams.CompileFallbackWarning) as record:
+        fparams.meta_value_and_grad(maml_task, compile=True)(params, *data)
+    with pytest.warns(fparams.CompileFallbackWarning) as direct:
+        fparams.compile(lambda x: x * 2)(torch.ones(1))
+    for w in [*record, *direct]:
+        assert w.filename == __file__, w.filename
