@@ -7,8 +7,9 @@ from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tu
 import torch
 from torch import Tensor, nn
 
-from ._state import _refresh_rnn, rebuild, state_dicts
-from ._transforms import key_mismatch
+from ._checks import check_instance, key_mismatch
+from ._state import rebuild, state_dicts
+from ._torch_compat import check_module_slots, is_compiling, refresh_rnn
 from ._types import Buffers, Params, TensorDict
 
 
@@ -54,15 +55,15 @@ class Architecture:
     def check(self, params: TensorDict, buffers: Optional[TensorDict] = None) -> None:
         """Raise ``ValueError`` unless the dicts have exactly this module's names."""
         if params.keys() != self.param_names:
-            raise _key_error("Architecture.__call__", "params", params, self.param_names)
+            raise _key_error("fparams.Architecture", "params", params, self.param_names)
         if buffers is not None and buffers.keys() != self.buffer_names:
-            raise _key_error("Architecture.__call__", "buffers", buffers, self.buffer_names)
+            raise _key_error("fparams.Architecture", "buffers", buffers, self.buffer_names)
 
     def __call__(
         self, params: TensorDict, *args: Any, buffers: Optional[TensorDict] = None, **kwargs: Any
     ) -> Any:
         self.check(params, buffers)
-        if not self._rnns and not torch.compiler.is_compiling():
+        if not self._rnns and not is_compiling():
             if self._slots is None:
                 self._slots = _tensor_slots(self.module, self.param_names, self.buffer_names)
             if self._slots:
@@ -79,7 +80,7 @@ class Architecture:
             # tensors of this call (and their graph) until the module's next
             # forward; point it back at the module's own weights.
             for rnn in self._rnns:
-                _refresh_rnn(rnn)
+                refresh_rnn(rnn)
 
     def bind(self, params: TensorDict, buffers: Optional[TensorDict] = None) -> nn.Module:
         """A structural copy of the module tree holding these tensors.
@@ -195,7 +196,7 @@ def split(module: nn.Module) -> Tuple[Architecture, Params, Buffers]:
         >>> sorted(params), sorted(buffers)[:1]
         (['0.bias', '0.weight', '1.bias', '1.weight'], ['1.num_batches_tracked'])
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"fparams.split: `module` must be a torch.nn.Module; got {type(module).__name__}.")
+    check_instance("fparams.split", "module", module, nn.Module, "a torch.nn.Module")
+    check_module_slots("fparams.split")
     params, buffers = state_dicts(module)
     return Architecture(module, frozenset(params), frozenset(buffers)), params, buffers

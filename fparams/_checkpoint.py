@@ -38,9 +38,9 @@ from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
-from ._grads import _batched, _ft, _pyft, grad_route
+from ._grads import _batched, grad_route
+from ._torch_compat import FUNCTORCH, is_compiling, pytree
 
 #: ``body(carry, ctx, buffers) -> carry``: one inner step. ``ctx`` holds every
 #: other tensor the step reads (rates, frozen params, the task's arguments), so
@@ -159,7 +159,7 @@ def check_checkpoint(route: str) -> None:
     """Raise where activation checkpointing cannot run: under torch.func transforms or compile."""
     if route in ("autograd", "vmap"):
         return
-    if torch.compiler.is_compiling():
+    if is_compiling():
         what = "torch.compile"
     else:
         what = "a torch.func transform (grad, vjp, jacrev, jvp, or a vmap nested in another)"
@@ -182,15 +182,16 @@ def checkpointed_step(body: Body, carry: Any, ctx: Any, buffers: Optional[Mappin
 def _under_vmap(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]]) -> Any:
     # Checkpoint on the physical tensors beneath the active vmap level; the
     # step runs in a vmap of its own, which exists again at recomputation.
-    interp: Any = _pyft.retrieve_current_functorch_interpreter()
+    _ft: Any = FUNCTORCH  # the vmap route runs only where the functorch helpers were found
+    interp: Any = _ft.current_interpreter()
     level, randomness = interp.level(), interp.randomness()
     flat, spec = pytree.tree_flatten((carry, ctx, buffers))
-    with _pyft.temporarily_pop_interpreter_stack():
+    with _ft.pop_interpreter():
         physical: List[Any] = []
         dims: List[Optional[int]] = []
         for leaf in flat:
             if isinstance(leaf, Tensor) and _batched(leaf, level):
-                value, dim = _ft._unwrap_batched(leaf, level)
+                value, dim = _ft.unwrap_batched(leaf, level)
                 physical.append(value)
                 dims.append(int(dim))
             else:
@@ -216,5 +217,5 @@ def _under_vmap(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str,
         out = _Region(run, (physical,), state).run(state)
     tree, kept = out_spec
     tensors = iter(out)
-    leaves = [_ft._add_batch_dim(next(tensors), 0, level) if k is None else k[0] for k in kept]
+    leaves = [_ft.add_batch_dim(next(tensors), 0, level) if k is None else k[0] for k in kept]
     return pytree.tree_unflatten(leaves, tree)

@@ -19,7 +19,7 @@ backward. Two common cases need no such level:
 uses functorch internals; where they are missing (another torch version) or
 anything else is active (an outer ``torch.func.grad``, ``jvp``,
 ``functionalize``, nested ``vmap``, ``torch.compile`` tracing, inference
-mode) it answers ``"func"`` and ``torch.func.grad`` runs as before. All routes give the same
+mode) it answers ``"func"`` and ``torch.func.grad`` runs. All routes give the same
 numbers up to float rounding; ``tests/test_grads.py`` checks them against
 each other.
 """
@@ -31,27 +31,12 @@ from typing import Any, Callable, Collection, Dict, List
 import torch
 from torch import Tensor
 
+from ._torch_compat import FUNCTORCH, is_compiling
 from ._types import Params
 
-_ft: Any
-_pyft: Any
-try:  # functorch internals: the fast routes are off where they are missing
-    from torch._C import _functorch as _ft
-    from torch._functorch import pyfunctorch as _pyft
-
-    _NEEDED = (  # looked up now, so that a torch without one of them turns the routes off
-        _ft._unwrap_batched,
-        _ft._add_batch_dim,
-        _ft.maybe_get_level,
-        _ft.get_interpreter_stack,
-        _pyft.retrieve_current_functorch_interpreter,
-        _pyft.temporarily_pop_interpreter_stack,
-        _pyft.VmapInterpreter.batch_size,
-        _pyft.VmapInterpreter.randomness,
-    )
-    _VMAP: Any = _pyft.TransformType.Vmap
-except (ImportError, AttributeError):  # pragma: no cover - depends on the torch build
-    _ft = _pyft = _VMAP = None
+# The functorch internals, probed once in _torch_compat (None where this torch lacks them).
+_ft: Any = FUNCTORCH
+_VMAP: Any = None if FUNCTORCH is None else FUNCTORCH.VMAP
 
 #: ``fn(fast, *args, owned=False) -> grads of fn's scalar output with respect to
 #: fast``; ``owned=True`` says that ``fast`` holds tensors the inner loop made
@@ -66,11 +51,11 @@ def grad_route() -> str:
     inputs requires grad: the fast routes differentiate by fresh leaves, whose
     graph would otherwise stay attached to the results.
     """
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+    if is_compiling() or torch.is_inference_mode_enabled():
         return "func"  # inference tensors cannot be recorded by autograd
     if _ft is None:  # pragma: no cover - depends on the torch build
         return "func"
-    stack = _ft.get_interpreter_stack()
+    stack = _ft.interpreter_stack()
     if not stack:
         return "autograd"
     if len(stack) == 1 and stack[0].key() == _VMAP:
@@ -80,17 +65,17 @@ def grad_route() -> str:
 
 def vmap_active() -> bool:
     """Is a ``vmap`` on the functorch stack (or might one be: under ``torch.compile``)?"""
-    if _ft is None or torch.compiler.is_compiling():  # pragma: no cover - depends on the torch build
+    if _ft is None or is_compiling():  # pragma: no cover - depends on the torch build
         return True
-    stack = _ft.get_interpreter_stack()
+    stack = _ft.interpreter_stack()
     return bool(stack) and any(i.key() == _VMAP for i in stack)
 
 
 def unbatched_under_vmap(t: Tensor) -> bool:
     """Is ``t`` shared by all tasks of the one active ``vmap`` (the ``"vmap"`` route)?"""
-    if _ft is None or torch.compiler.is_compiling():  # pragma: no cover - depends on the torch build
+    if _ft is None or is_compiling():  # pragma: no cover - depends on the torch build
         return False
-    stack = _ft.get_interpreter_stack()
+    stack = _ft.interpreter_stack()
     if not stack or len(stack) != 1 or stack[0].key() != _VMAP:
         return False
     return bool(_ft.maybe_get_level(t) != stack[0].level())
@@ -156,31 +141,31 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     vmap level set aside. Call it only where :func:`grad_route` says ``"vmap"``,
     under that vmap: its level and batch size are read once, here.
     """
-    interp: Any = _pyft.retrieve_current_functorch_interpreter()
+    interp: Any = _ft.current_interpreter()
     level, n = interp.level(), interp.batch_size()
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
         with torch.enable_grad():
-            with _pyft.temporarily_pop_interpreter_stack():  # requires_grad_ is refused under vmap
+            with _ft.pop_interpreter():  # requires_grad_ is refused under vmap
                 per_task = {k: _per_task(t, level, n) for k, t in fast.items()}
                 # a shared (unbatched) param's per-task expand is a new view already
                 fresh = fast.keys() if owned else {k for k, t in fast.items() if not _batched(t, level)}
                 inputs = _inputs(per_task, fresh)
-            loss = fn({k: _ft._add_batch_dim(t, 0, level) for k, t in inputs.items()}, *args)
+            loss = fn({k: _ft.add_batch_dim(t, 0, level) for k, t in inputs.items()}, *args)
             if not isinstance(loss, Tensor):
                 _check_scalar(loss, per_task=False)
             if _batched(loss, level):
-                losses, dim = _ft._unwrap_batched(loss, level)
+                losses, dim = _ft.unwrap_batched(loss, level)
                 _check_scalar(losses.movedim(int(dim), 0), per_task=True)
             else:  # the same for every task: it cannot depend on the per-task inputs
                 _check_scalar(loss, per_task=False)
                 losses = loss
-            with _pyft.temporarily_pop_interpreter_stack():
+            with _ft.pop_interpreter():
                 if losses.requires_grad:
                     grads = _gradients(losses, inputs, create_graph)
                 else:
                     grads = [torch.zeros_like(t) for t in inputs.values()]
-        return {k: _ft._add_batch_dim(g, 0, level) for k, g in zip(inputs, grads)}
+        return {k: _ft.add_batch_dim(g, 0, level) for k, g in zip(inputs, grads)}
 
     return grad_fn
 
@@ -194,7 +179,7 @@ def _per_task(t: Tensor, level: int, n: int) -> Tensor:
     # unbatched (shared) tensor gets a per-task view, so each task has its own gradient.
     if not _batched(t, level):
         return t.expand(n, *t.shape)
-    value, dim = _ft._unwrap_batched(t, level)
+    value, dim = _ft.unwrap_batched(t, level)
     return value if dim == 0 else value.movedim(int(dim), 0)
 
 

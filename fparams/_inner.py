@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 
 from ._checkpoint import check_checkpoint, checkpointed_step
+from ._checks import check_dict, check_int, check_lr, check_rate_keys, check_rate_shapes, reports_errors_here
 from ._grads import grad_route, inner_grad, inner_grad_with_aux
 from ._norms import innermost_exact_norms
-from ._transforms import check_rate_shapes, partition
+from ._torch_compat import is_captured_update_error, is_nonscalar_grad_error
+from ._transforms import partition
 from ._types import LR, Filter, Params, TensorDict
 
 
@@ -26,20 +28,10 @@ def check_rates(
     where: str, lr: Any, names: Mapping[str, object], all_names: Mapping[str, object]
 ) -> Dict[str, Any]:
     """One learning rate per trainable name, validated once before the loop."""
-    if isinstance(lr, Mapping):
-        missing = sorted(k for k in names if k not in lr)
-        unknown = sorted(k for k in lr if k not in all_names)
-        if missing or unknown:
-            raise ValueError(
-                f"{where}: `lr` is a dict of per-parameter rates but does not fit the params: "
-                f"missing {missing}, unknown {unknown}. Give one tensor per adapted parameter."
-            )
-        return {k: lr[k] for k in names}
-    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor)):
-        raise TypeError(
-            f"{where}: `lr` must be a number, a tensor, a dict of tensors, a list of per-step rates "
-            f"or an fparams.optim optimizer; got {type(lr).__name__}."
-        )
+    rates = check_lr(where, lr, optimizer_ok=True, per_step_ok=True)
+    if rates is not None:
+        check_rate_keys(where, rates, names, all_names)
+        return {k: rates[k] for k in names}
     return dict.fromkeys(names, lr)
 
 
@@ -75,6 +67,7 @@ def adapt(
 ) -> Any: ...
 
 
+@reports_errors_here
 def adapt(
     loss_fn: Callable[..., Any],
     params: TensorDict,
@@ -163,10 +156,8 @@ def adapt(
         torch.Size([8, 1])
     """
     where = "fparams.adapt"
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{where}: `params` must be a dict of tensors; got {type(params).__name__}.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{where}: `steps` must be an int >= 0; got {steps!r}.")
+    check_dict(where, "params", params)
+    check_int(where, "steps", steps, 0)
     trainable, frozen = partition(params, filter) if filter is not None else (dict(params), {})
     if not trainable:
         raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")
@@ -311,20 +302,21 @@ def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: boo
         return grad_fn(fast, *a, owned=owned)
     except RuntimeError as err:
         text = str(err)
-        if "captured Tensor" in text:
+        if is_captured_update_error(err):
             raise ValueError(
                 "fparams.adapt: a layer updated a tensor in place that the inner loop does not "
                 "own (usually BatchNorm's running statistics in train mode). Pass the buffers "
                 "explicitly: fparams.adapt(loss_fn, params, ..., buffers=b) with "
                 "loss_fn(params, ..., buffers) calling arch(params, x, buffers=buffers); or use "
                 "batch statistics only (map_tasks(..., batch_stats=True) / "
-                "fparams.exact_norms(batch_stats=True)), or module.eval()."
-            ) from err
-        if "scalar" in text and "grad" in text:
+                "fparams.exact_norms(batch_stats=True)), or module.eval(). "
+                f"torch said: {text.splitlines()[0]}"
+            ) from None
+        if is_nonscalar_grad_error(err):
             raise ValueError(
                 "fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); "
                 f"torch said: {text.splitlines()[0]}"
-            ) from err
+            ) from None
         raise
 
 

@@ -13,6 +13,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_instance
 from ._inner import is_optimizer
 from ._module_api import clone_module, update_module
 
@@ -134,8 +135,7 @@ class MAML(_Learner):
         allow_nograd: bool = False,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MAML: `model` must be a torch.nn.Module; got {type(model).__name__}.")
+        check_instance("fparams.MAML", "model", model, nn.Module, "a torch.nn.Module")
         self.module = model
         self.lr = lr
         self.first_order = first_order
@@ -165,7 +165,7 @@ class MAML(_Learner):
         if allow_unused is None:
             allow_unused = self.allow_unused or allow_nograd
         leaves = self._leaves_before_adapt("MAML.adapt")
-        grads = _grads("MAML.adapt", self.module, loss, not first_order, allow_unused, allow_nograd)
+        grads = _grads("fparams.MAML.adapt", self.module, loss, not first_order, allow_unused, allow_nograd)
         if is_optimizer(self.lr):
             updates = self._optimizer_updates(grads)
         else:
@@ -230,8 +230,7 @@ class MetaSGD(_Learner):
         lrs: Optional[Sequence[Tensor]] = None,
     ):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"MetaSGD: `model` must be a torch.nn.Module; got {type(model).__name__}.")
+        check_instance("fparams.MetaSGD", "model", model, nn.Module, "a torch.nn.Module")
         self.module = model
         params = list(model.parameters())
         if lrs is None:
@@ -240,7 +239,7 @@ class MetaSGD(_Learner):
             )
         elif len(lrs) != len(params):
             raise ValueError(
-                f"MetaSGD: got {len(lrs)} learning-rate tensors for {len(params)} parameters; "
+                f"fparams.MetaSGD: got {len(lrs)} learning-rate tensors for {len(params)} parameters; "
                 f"give one per tensor of model.parameters()."
             )
         else:
@@ -273,7 +272,7 @@ class MetaSGD(_Learner):
         """One step ``p - lr * g`` with the learned rates, in place."""
         first_order = self.first_order if first_order is None else first_order
         leaves = self._leaves_before_adapt("MetaSGD.adapt")
-        grads = _grads("MetaSGD.adapt", self.module, loss, not first_order, False, False)
+        grads = _grads("fparams.MetaSGD.adapt", self.module, loss, not first_order, False, False)
         updates = [None if g is None else -lr * g for lr, g in zip(self.lrs, grads)]
         self.module = update_module(self.module, updates=updates)
         self._remember_leaves(leaves)

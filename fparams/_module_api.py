@@ -16,7 +16,10 @@ from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.distributions.transforms import Transform
 
+from ._checks import check_instance
 from ._state import TensorMemo, rebuild, rewrite, tree, unique_params
+
+_A_DISTRIBUTION = "a torch.distributions.Distribution"
 
 
 def _clone_param(name: str, t: Tensor) -> Tensor:
@@ -89,8 +92,7 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
         >>> clone.weight.requires_grad
         False
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"detach_module: `module` must be a torch.nn.Module; got {type(module).__name__}.")
+    check_instance("fparams.detach_module", "module", module, nn.Module, "a torch.nn.Module")
     detach = _detacher(keep_requires_grad)
     rewrite(module, detach, detach)
 
@@ -100,7 +102,7 @@ def _check_updates(
 ) -> Dict[int, Tensor]:
     if len(updates) != len(params):
         raise ValueError(
-            f"update_module: got {len(updates)} updates for {len(params)} parameters; "
+            f"fparams.update_module: got {len(updates)} updates for {len(params)} parameters; "
             f"give one update (or None) per tensor of module.parameters(), in that order."
         )
     found: Dict[int, Tensor] = {}
@@ -109,12 +111,12 @@ def _check_updates(
             continue
         if not isinstance(u, Tensor):
             raise TypeError(
-                f"update_module: the update for parameter {_param_name(module, i)!r} is a "
+                f"fparams.update_module: the update for parameter {_param_name(module, i)!r} is a "
                 f"{type(u).__name__}; updates must be tensors (or None to skip)."
             )
         if u.shape != p.shape:
             raise ValueError(
-                f"update_module: the update for parameter {_param_name(module, i)!r} has shape "
+                f"fparams.update_module: the update for parameter {_param_name(module, i)!r} has shape "
                 f"{tuple(u.shape)} but the parameter has shape {tuple(p.shape)}."
             )
         found[id(p)] = u
@@ -165,14 +167,13 @@ def update_module(
         >>> model.weight.grad_fn is not None
         True
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"update_module: `module` must be a torch.nn.Module; got {type(module).__name__}.")
+    check_instance("fparams.update_module", "module", module, nn.Module, "a torch.nn.Module")
     if updates is None:
         rewrite(module, _add_update_attr, _add_update_attr, memo)
         return module
     if isinstance(updates, Tensor):
         raise TypeError(
-            "update_module: `updates` must be a list with one tensor per parameter; "
+            "fparams.update_module: `updates` must be a list with one tensor per parameter; "
             "got a single tensor. Wrap it in a list: updates=[u]."
         )
     modules = tree(module)
@@ -373,11 +374,7 @@ def clone_distribution(dist: Distribution) -> Distribution:
         >>> d.log_prob(torch.ones(2)).sum().backward(); loc.grad
         tensor([1., 1.])
     """
-    if not isinstance(dist, Distribution):
-        raise TypeError(
-            f"clone_distribution: `dist` must be a torch.distributions.Distribution; "
-            f"got {type(dist).__name__}."
-        )
+    check_instance("fparams.clone_distribution", "dist", dist, Distribution, _A_DISTRIBUTION)
     return _clone_value(dist, {})
 
 
@@ -412,9 +409,5 @@ def detach_distribution(dist: Distribution) -> Distribution:
         >>> d.loc.requires_grad
         False
     """
-    if not isinstance(dist, Distribution):
-        raise TypeError(
-            f"detach_distribution: `dist` must be a torch.distributions.Distribution; "
-            f"got {type(dist).__name__}."
-        )
+    check_instance("fparams.detach_distribution", "dist", dist, Distribution, _A_DISTRIBUTION)
     return _detach_value(dist, {})

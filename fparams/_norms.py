@@ -1,10 +1,22 @@
 """Normalization layers written with ordinary tensor ops, exact under vmap.
 
-torch 2.13's batching rules for the native ``batch_norm`` / ``layer_norm``
-kernels give silently wrong *second-order* gradients when a parameterised
-layer comes before the normalization (about 1% relative error in float64 on
-Linear -> BatchNorm1d -> ReLU -> Linear with one inner step), while the same
-maths written with ``mean`` / ``var`` / ``rsqrt`` is exact under vmap.
+torch's batching rules for the native ``batch_norm`` / ``layer_norm`` kernels
+give silently wrong *second-order* gradients when a parameterised layer comes
+before the normalization (about 1% relative error in float64 on Linear ->
+BatchNorm1d -> ReLU -> Linear with one inner step), while the same maths
+written with ``mean`` / ``var`` / ``rsqrt`` is exact under vmap. The closest
+upstream report is https://github.com/pytorch/functorch/issues/534 (the
+batching rule of the layer_norm and batch_norm backward is incorrect for
+``grad_input``), open at the time of writing. ``tests/test_norms.py`` keeps
+strict xfail canaries on raw ``torch.func``: when torch fixes this, they fail
+and say so.
+
+Three parts:
+
+* the normalization functions, plain tensor ops (``batch_norm`` ...);
+* :class:`StatsJournal`, which tracks running statistics updated in a loop
+  over tasks and rolls them back when two tasks share one;
+* :class:`exact_norms`, a thin ``TorchFunctionMode`` that dispatches to them.
 
 :class:`exact_norms` is a ``TorchFunctionMode`` that, while active and while
 a ``vmap`` is running, routes ``F.batch_norm``, ``F.layer_norm``,
@@ -20,16 +32,23 @@ statistics of the batch at hand and leaves running statistics (and
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from ._grads import grad_route, unbatched_under_vmap, vmap_active
+from ._torch_compat import (
+    BATCH_NORMS,
+    caller_frame,
+    current_function_mode,
+    is_compiling,
+    is_shared_stats_error,
+    is_vmap_error,
+    pop_function_mode,
+)
 
 
 def _affine(out: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shape: List[int]) -> Tensor:
@@ -51,11 +70,6 @@ def _shared_stats_error(layer: str, err: object) -> ValueError:
     )
 
 
-def _is_stats_error(err: RuntimeError) -> bool:
-    text = str(err)
-    return "vmap" in text or "captured" in text or "doesn't match the broadcast shape" in text
-
-
 #: Called with (running tensor, layer name) before a running statistic changes.
 Guard = Callable[[Tensor, str], None]
 
@@ -69,9 +83,9 @@ def _update_running(
         with torch.no_grad():
             running.mul_(1.0 - momentum).add_(value.detach(), alpha=momentum)
     except RuntimeError as err:
-        if not _is_stats_error(err):
+        if not is_shared_stats_error(err):
             raise
-        raise _shared_stats_error(layer, err) from err
+        raise _shared_stats_error(layer, err) from None  # the message quotes torch's
 
 
 def _channel_shape(x: Tensor) -> List[int]:
@@ -186,8 +200,63 @@ def rms_norm(
     return out * weight if weight is not None else out
 
 
+class StatsJournal:
+    """Running statistics updated in a loop over tasks: which task changed each, and its value before.
+
+    A loop over tasks (``map_tasks``' loop) marks each task with
+    :meth:`begin_task`. A running statistic that two different tasks update is
+    shared across tasks, which vmap would reject: the journal then puts every
+    statistic it saw back to its value before the loop and raises the error
+    vmap raises. With one task nothing is shared, and a layer updates its
+    statistics as a plain PyTorch call does.
+    """
+
+    def __init__(self) -> None:
+        self.task: Optional[int] = None
+        # data_ptr -> (tensor, value before its first update, task that updated it); the
+        # journal holds the tensor, so that its memory is not reused while it is here
+        self._entries: Dict[int, Tuple[Tensor, Tensor, int]] = {}
+
+    def begin_task(self, index: int) -> None:
+        """Mark the start of task ``index``."""
+        self.task = index
+
+    def guard(self, running: Tensor, layer: str) -> None:
+        """Called before a running statistic (or BatchNorm's batch count) changes."""
+        if unbatched_under_vmap(running):
+            raise _shared_stats_error(layer, "a tensor without a task dimension, updated under vmap")
+        if self.task is None or grad_route() != "autograd":
+            return  # under a transform, torch itself rejects updates of captured tensors
+        key = running.data_ptr()
+        seen = self._entries.get(key)
+        if seen is None:
+            self._entries[key] = (running, running.detach().clone(), self.task)
+        elif seen[2] != self.task:
+            self.roll_back()
+            raise _shared_stats_error(layer, f"one tensor updated by task {seen[2]} and task {self.task}")
+
+    def roll_back(self) -> None:
+        """Put every statistic seen back to its value before the loop."""
+        with torch.no_grad():
+            for tensor, before, _ in self._entries.values():
+                tensor.copy_(before)
+        self._entries.clear()
+
+    def close(self) -> None:
+        """The loop is over: forget everything."""
+        self._entries.clear()
+        self.task = None
+
+
 class exact_norms(TorchFunctionMode):
     """Run the normalization functionals as plain tensor ops under vmap while active.
+
+    Why: under vmap, torch's native batch and layer normalization give wrong
+    second-order gradients (closest upstream report:
+    https://github.com/pytorch/functorch/issues/534); the same maths in plain
+    tensor ops is exact. A thin dispatcher: normalization calls go to the plain-tensor functions
+    above (under vmap) or to torch's kernels (otherwise); updates of running
+    statistics pass through a :class:`StatsJournal` first.
 
     Args:
         batch_stats: batch and instance normalization use the statistics of
@@ -208,54 +277,25 @@ class exact_norms(TorchFunctionMode):
         super().__init__()
         self.batch_stats = batch_stats
         self.always = always
+        self.journal = StatsJournal()
         self._impls: Dict[Callable[..., Any], Callable[..., Tensor]] = {
             F.batch_norm: self._batch_norm,
             F.instance_norm: self._instance_norm,
             F.layer_norm: layer_norm,
             F.group_norm: group_norm,
         }
-        if hasattr(F, "rms_norm"):
+        if hasattr(F, "rms_norm"):  # torch >= 2.4
             self._impls[F.rms_norm] = rms_norm
         # these two handle running statistics, with or without vmap
         self._stateful = (F.batch_norm, F.instance_norm)
-        self._task: Optional[int] = None
         self._depth = 0  # nesting of ``with self`` (re-entered by :meth:`around`)
         #: Has a normalization run under this mode? A loop over tasks leaves the
         #: mode (and its per-op cost) once a task has run none.
         self.used = False
-        # data_ptr -> (tensor, value before its first update, task that updated it)
-        self._journal: Dict[int, Tuple[Tensor, Tensor, int]] = {}
 
     def begin_task(self, index: int) -> None:
-        """Mark the start of task ``index`` of a loop over tasks (``map_tasks``' loop).
-
-        From then on, a running statistic updated by two different tasks is
-        shared across tasks: every statistic updated in the loop gets its
-        value back, and the shared-statistics error is raised, as vmap raises
-        it. With one task nothing is shared, and the layer updates its
-        statistics as a plain PyTorch call does.
-        """
-        self._task = index
-
-    def _guard(self, running: Tensor, layer: str) -> None:
-        # Before a running statistic (or BatchNorm's batch count) changes.
-        if unbatched_under_vmap(running):
-            raise _shared_stats_error(layer, "a tensor without a task dimension, updated under vmap")
-        if self._task is None or grad_route() != "autograd":
-            return  # under a transform, torch itself rejects updates of captured tensors
-        key = running.data_ptr()
-        seen = self._journal.get(key)
-        if seen is None:  # the journal holds the tensor, so its memory is not reused
-            self._journal[key] = (running, running.detach().clone(), self._task)
-        elif seen[2] != self._task:
-            self._roll_back()
-            raise _shared_stats_error(layer, f"one tensor updated by task {seen[2]} and task {self._task}")
-
-    def _roll_back(self) -> None:
-        with torch.no_grad():
-            for tensor, before, _ in self._journal.values():
-                tensor.copy_(before)
-        self._journal.clear()
+        """Mark the start of task ``index`` of a loop over tasks (see :class:`StatsJournal`)."""
+        self.journal.begin_task(index)
 
     def __enter__(self) -> exact_norms:
         self._depth += 1
@@ -265,8 +305,7 @@ class exact_norms(TorchFunctionMode):
     def __exit__(self, *exc: Any) -> Any:
         self._depth -= 1
         if self._depth == 0:  # the outermost ``with``: the loop over tasks is over
-            self._journal.clear()
-            self._task = None
+            self.journal.close()
         return super().__exit__(*exc)
 
     @contextlib.contextmanager
@@ -277,7 +316,7 @@ class exact_norms(TorchFunctionMode):
         passes through Python; ``fparams.adapt`` steps outside it for its own
         bookkeeping and re-enters it in every ``loss_fn`` call (:meth:`around`).
         """
-        with torch.overrides._pop_mode_temporarily() as popped:
+        with pop_function_mode() as popped:
             if popped is not self:  # pragma: no cover - a caller's bug
                 raise RuntimeError("fparams.exact_norms.suspended: this mode is not the innermost one")
             yield
@@ -337,27 +376,27 @@ class exact_norms(TorchFunctionMode):
         if self.always or vmap_active():
             return decomposed(
                 input, mean, var, weight, bias, use_input_stats, momentum, eps,
-                batch_stats=self.batch_stats, guard=self._guard,
+                batch_stats=self.batch_stats, guard=self.journal.guard,
             )  # fmt: skip
         # No vmap: torch's own kernel is exact (and fused), with the same semantics.
         if self.batch_stats:
             return kernel(input, None, None, weight, bias, True, momentum, eps)
         if use_input_stats and mean is not None and var is not None:
-            self._guard(mean, layer)
-            self._guard(var, layer)
+            self.journal.guard(mean, layer)
+            self.journal.guard(var, layer)
         return kernel(input, mean, var, weight, bias, use_input_stats, momentum, eps)
 
     def _count_batches(self, counter: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         # BatchNorm's forward runs ``num_batches_tracked.add_(1)`` itself.
         if self.batch_stats:
             return counter
-        self._guard(counter, "BatchNorm")
+        self.journal.guard(counter, "BatchNorm")
         try:
             return counter.add_(*args, **kwargs)
         except RuntimeError as err:
-            if not _is_stats_error(err):
+            if not is_shared_stats_error(err):
                 raise
-            raise _shared_stats_error("BatchNorm", err) from err
+            raise _shared_stats_error("BatchNorm", err) from None
 
     def __torch_function__(
         self,
@@ -371,7 +410,7 @@ class exact_norms(TorchFunctionMode):
             self.used = True
             if func in self._stateful or self.always or vmap_active():
                 return impl(*args, **(kwargs or {}))
-            return func(*args, **(kwargs or {}))  # no vmap: torch's kernel is exact
+            return run_op(func, args, kwargs or {})  # no vmap: torch's kernel is exact
         if func is Tensor.add_ or func is Tensor.__float__:
             caller = _caller()
             if _is_batch_counter(args[0], caller):
@@ -383,14 +422,28 @@ class exact_norms(TorchFunctionMode):
                     return max(1.0, func(*args, **(kwargs or {})))
                 if caller is not None:
                     return _cumulative_factor_count(func, args, kwargs or {})
-        return func(*args, **(kwargs or {}))
+        return run_op(func, args, kwargs or {})
+
+
+def _op_runner() -> Callable[[Callable[..., Any], Sequence[Any], Dict[str, Any]], Any]:
+    # A warning that torch raises in C++ (vmap's "performance drop" fallback ...) is
+    # reported at the innermost Python frame. For every op under the mode that is the
+    # frame that runs it: so that torch's message is not reported at a line of
+    # fparams, ops run from this one-line function, compiled under a name of its own.
+    source = "def run_op(func, args, kwargs):\n    return func(*args, **kwargs)\n"
+    namespace: Dict[str, Any] = {}
+    exec(compile(source, "<torch op, run under fparams.exact_norms>", "exec"), namespace)
+    return namespace["run_op"]
+
+
+run_op = _op_runner()
 
 
 def innermost_exact_norms() -> Optional[exact_norms]:
     """The active :class:`exact_norms`, when it is the innermost torch function mode (eager only)."""
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return None
-    mode = torch.overrides._get_current_function_mode()
+    mode = current_function_mode()
     return mode if isinstance(mode, exact_norms) else None
 
 
@@ -399,7 +452,7 @@ def _cumulative_factor_count(func: Callable[..., Any], args: Sequence[Any], kwar
     try:
         return func(*args, **kwargs)
     except RuntimeError as err:
-        if "vmap" not in str(err):
+        if not is_vmap_error(err):
             raise
         raise ValueError(
             "fparams.exact_norms: a BatchNorm layer with momentum=None (a cumulative average "
@@ -407,12 +460,12 @@ def _cumulative_factor_count(func: Callable[..., Any], args: Sequence[Any], kwar
             "cannot differ per task under vmap. Give the layer a numeric momentum, use "
             "map_tasks(..., strategy='loop'), or normalize with batch statistics only: "
             "map_tasks(..., batch_stats=True)."
-        ) from err
+        ) from None  # torch's text (.item() under vmap) adds nothing
 
 
 def _caller() -> Any:
     # the frame that called the tensor method (``__torch_function__`` is one up)
-    return None if torch.compiler.is_compiling() else sys._getframe(2)
+    return None if is_compiling() else caller_frame(2)
 
 
 def _is_batch_counter(t: Any, caller: Any) -> bool:
@@ -423,4 +476,4 @@ def _is_batch_counter(t: Any, caller: Any) -> bool:
     if caller is None:
         return True  # under dynamo, which cannot trace frame inspection: the test above
     owner = caller.f_locals.get("self")
-    return isinstance(owner, _BatchNorm) and t is owner.num_batches_tracked
+    return isinstance(owner, BATCH_NORMS) and t is getattr(owner, "num_batches_tracked", None)

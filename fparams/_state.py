@@ -14,16 +14,18 @@ tensor is reached under is the name it has in the dicts:
 * :func:`rewrite` fills the slots of the existing tree in place.
 
 Both call the replacement function once per tensor *object*, so tied tensors
-stay tied, and both refresh the flat-weight lists of RNN modules.
+stay tied, and both refresh the flat-weight lists of RNN modules
+(``_torch_compat.refresh_rnn``). ``_torch_compat`` checks once, at import,
+that ``nn.Module`` keeps its state in these slot dicts.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import Tensor, nn
 
+from ._torch_compat import check_module_slots, refresh_rnn
 from ._types import Buffers, Params
 
 #: ``fn(name, tensor) -> tensor``: the replacement for one tensor slot.
@@ -66,20 +68,6 @@ def unique_params(modules: Tree) -> List[Tensor]:
     return out
 
 
-def _refresh_rnn(module: nn.Module) -> None:
-    # RNNBase keeps a list of its weights next to ``_parameters`` and runs on
-    # that list. Rebuild it from the slots; deliberately skip
-    # ``flatten_parameters()``, which on cuDNN would copy the weights into one
-    # buffer in place and cut them out of the autograd graph.
-    if isinstance(module, nn.RNNBase):
-        slots = module._parameters
-        weights = [slots.get(n) for n in module._flat_weights_names]
-        module.__dict__["_flat_weights"] = weights
-        # forward() compares these weak references with the slots (strictly, one
-        # per name) to notice swapped weights; an empty list makes it raise.
-        module.__dict__["_flat_weight_refs"] = [None if w is None else weakref.ref(w) for w in weights]
-
-
 def _fill(
     module: nn.Module,
     prefix: str,
@@ -110,7 +98,7 @@ def _fill(
                 new = hit[1]
             bslots[key] = new
     if isinstance(module, nn.RNNBase):
-        _refresh_rnn(module)
+        refresh_rnn(module)
 
 
 def rebuild(
@@ -126,6 +114,7 @@ def rebuild(
     ``buffers(name, t)`` give the tensor for each slot. The original tree is
     not touched.
     """
+    check_module_slots("fparams")
     modules: Dict[int, nn.Module] = {}
     return _copy(module, "", params, buffers, memo if memo is not None else {}, modules)
 
@@ -170,6 +159,7 @@ def rewrite(
     shims (``update_module``, ``detach_module``) call it. ``modules`` is
     ``tree(module)`` when the caller has already walked it.
     """
+    check_module_slots("fparams")
     memo = memo if memo is not None else {}
     for prefix, m in modules if modules is not None else tree(module):
         _fill(m, prefix, params, buffers, memo)

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import math
-import numbers
 import re
-import warnings
 import weakref
 from typing import Any, Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
+from ._checks import (
+    check_callable,
+    check_choice,
+    check_dict,
+    check_int,
+    reports_errors_here,
+    warn_in_user_code,
+)
 from ._compile import compile_fallback
 from ._grads import grad_route
 from ._norms import exact_norms
+from ._torch_compat import is_compiling, pytree
 from ._types import Params, TensorDict
 
 STRATEGIES = ("auto", "vmap", "loop", "chunked")
@@ -175,16 +181,10 @@ def map_tasks(
         torch.Size([2])
     """
     where = "fparams.map_tasks"
-    if not callable(fn):
-        raise TypeError(f"{where}: `fn` must be a callable fn(params, *task); got {type(fn).__name__}.")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{where}: `strategy` must be one of {STRATEGIES}; got {strategy!r}.")
-    if randomness not in RANDOMNESS:
-        raise ValueError(f"{where}: `randomness` must be one of {RANDOMNESS}; got {randomness!r}.")
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1
-    ):
-        raise ValueError(f"{where}: `chunk_size` must be a positive int or None; got {chunk_size!r}.")
+    check_callable(where, "fn", fn, "fn(params, *task)")
+    check_choice(where, "strategy", strategy, STRATEGIES)
+    check_choice(where, "randomness", randomness, RANDOMNESS)
+    check_int(where, "chunk_size", chunk_size, 1, none_ok=True)
     if strategy == "chunked" and chunk_size is None:
         raise ValueError(f"{where}: strategy='chunked' needs `chunk_size` (tasks per vmap call).")
     if strategy in ("vmap", "loop") and chunk_size is not None:
@@ -193,6 +193,7 @@ def map_tasks(
             f"strategy={strategy!r} with chunk_size={chunk_size}."
         )
 
+    @reports_errors_here
     def run(params: Any, *task_batches: Any, tasks: Optional[Sequence[Any]] = None) -> Any:
         if tasks is not None:
             return _run_task_list(fn, params, task_batches, tasks, strategy, batch_stats)
@@ -218,7 +219,7 @@ def map_tasks(
         def run_vmap() -> Any:
             return _explain_vmap_errors(lambda: mapped(params, *task_batches), strategy)
 
-        if strategy != "auto" or torch.compiler.is_compiling():
+        if strategy != "auto" or is_compiling():
             return run_vmap()
 
         def run_loop() -> Any:
@@ -273,7 +274,7 @@ def _vmap_ran(fn: Any) -> bool:
 
 def _loop_only(fn: Any, params: Any) -> Optional[str]:
     """Why vmap cannot run ``fn`` (a parameter name or a failed op), or None."""
-    if torch.compiler.is_compiling():
+    if is_compiling():
         return None  # the compiled step keeps the plain strategy rules
     try:
         failed = _VMAP_FAILED.get(fn)
@@ -384,12 +385,11 @@ def vmap_or_loop(
                 t.copy_(copy)
         _remember(_VMAP_FAILED, fn, op)
         name = getattr(fn, "__name__", type(fn).__name__)
-        warnings.warn(
+        warn_in_user_code(
             f"fparams.map_tasks: vmap cannot run {op}, so strategy='auto' runs {name} with the loop "
             f"from now on (same numbers, one task at a time). Pass strategy='loop' to choose it "
             f"yourself.",
             VmapFallbackWarning,
-            stacklevel=stacklevel,
         )
         return run_loop()
     _remember(_VMAP_RAN, fn, True)
@@ -535,13 +535,8 @@ def stack_tasks(tensors: TensorDict, num_tasks: int) -> Params:
         >>> fparams.stack_tasks({"running_mean": torch.zeros(3)}, 4)["running_mean"].shape
         torch.Size([4, 3])
     """
-    if not isinstance(tensors, Mapping):
-        raise TypeError(
-            f"fparams.stack_tasks: `tensors` must be a dict of tensors (e.g. the buffers from "
-            f"fparams.split); got {type(tensors).__name__}."
-        )
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"fparams.stack_tasks: `num_tasks` must be an int >= 1; got {num_tasks!r}.")
+    check_dict("fparams.stack_tasks", "tensors", tensors)
+    check_int("fparams.stack_tasks", "num_tasks", num_tasks, 1)
     return {k: t.detach().unsqueeze(0).repeat(num_tasks, *([1] * t.dim())) for k, t in tensors.items()}
 
 
@@ -619,6 +614,7 @@ def meta_value_and_grad(
         losses, aux = _losses_and_aux(mapped(params, *task_batches), has_aux)
         return (losses.mean(), aux) if has_aux else losses.mean()
 
+    @reports_errors_here
     def step(params: Any, *task_batches: Any) -> Any:
         if grad_route() == "autograd":  # eager, no transform (torch.compile traces the other branch)
             flat, spec = pytree.tree_flatten(params)
@@ -645,8 +641,8 @@ def _compiled_step(
     # vmap: the whole step is one graph. The loop: one task's step is compiled
     # once and called per task (the same shapes, so one graph); the mean of the
     # per-task gradients is the gradient of the mean loss. Compiling the
-    # unrolled loop instead made a graph per task, which took over 10 minutes
-    # to compile for a 4-block conv net and 8 tasks.
+    # unrolled loop instead would make one graph per task, each compiled anew
+    # (benchmarks/bench_tasks.py measures the compile times).
     whole = compile_fallback(step)
 
     def one_task(params: Any, *task: Any) -> Any:
@@ -663,6 +659,7 @@ def _compiled_step(
 
     per_task = compile_fallback(one_task)
 
+    @reports_errors_here
     def run(params: Any, *task_batches: Any) -> Any:
         n = _num_tasks("fparams.meta_value_and_grad", task_batches)
         if _resolve(strategy, chunk_size, randomness, task_batches, n) != "loop":

@@ -7,76 +7,16 @@ with ``torch.func.grad``, ``torch.func.vmap`` and ``torch.compile``.
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Dict, Mapping, Tuple
 
 import torch
 from torch import Tensor
 
+from ._checks import check_dict, check_keys, check_lr, check_rate_keys, check_rate_shapes, check_shapes
 from ._filters import mask
 from ._types import LR, Filter, Grads, TensorDict, Updates
 
-
-def _check_dict(where: str, arg: str, value: object) -> None:
-    if not isinstance(value, Mapping):
-        raise TypeError(
-            f"{where}: `{arg}` must be a dict of tensors keyed by name; got "
-            f"{type(value).__name__}. Use fparams.split(module) to get one."
-        )
-
-
-def key_mismatch(given: Mapping[str, object], expected: Mapping[str, object]) -> str:
-    """``"Missing key(s): 'a'. Unexpected key(s): 'b'."``, sorted, for error messages."""
-    parts = []
-    missing = sorted(k for k in expected if k not in given)
-    unexpected = sorted(k for k in given if k not in expected)
-    if missing:
-        parts.append("Missing key(s): " + ", ".join(repr(k) for k in missing) + ".")
-    if unexpected:
-        parts.append("Unexpected key(s): " + ", ".join(repr(k) for k in unexpected) + ".")
-    return " ".join(parts)
-
-
-def _check_keys(where: str, arg: str, keys: Mapping[str, object], allowed: Mapping[str, object]) -> None:
-    extra = [k for k in keys if k not in allowed]
-    if extra:
-        raise ValueError(
-            f"{where}: `{arg}` has key(s) {sorted(extra)} that are not in the params; "
-            f"the params have {sorted(allowed)}."
-        )
-
-
-def _check_shapes(where: str, arg: str, given: Mapping[str, object], params: TensorDict) -> None:
-    """Every tensor of ``given`` has exactly its parameter's shape (no silent broadcasting)."""
-    for k, t in given.items():
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"{where}: `{arg}[{k!r}]` is a {type(t).__name__}; give a tensor (or leave the key out)."
-            )
-        if t.shape != params[k].shape:
-            raise ValueError(
-                f"{where}: `{arg}[{k!r}]` has shape {tuple(t.shape)} but the parameter has shape "
-                f"{tuple(params[k].shape)}."
-            )
-
-
-def check_rate_shapes(where: str, lr: object, params: TensorDict) -> None:
-    """A tensor learning rate must broadcast to each parameter's shape without changing it."""
-    for k, p in params.items():
-        rate = lr[k] if isinstance(lr, Mapping) else lr
-        if isinstance(rate, Tensor) and not _keeps_shape(rate.shape, p.shape):
-            raise ValueError(
-                f"{where}: the learning rate for {k!r} has shape {tuple(rate.shape)}, which would "
-                f"change the parameter's shape {tuple(p.shape)}; give a scalar or a tensor of the "
-                f"parameter's shape."
-            )
-
-
-def _keeps_shape(rate: torch.Size, shape: torch.Size) -> bool:
-    try:
-        return torch.broadcast_shapes(rate, shape) == shape
-    except RuntimeError:  # not broadcastable at all
-        return False
+_NOT_PARAMS = "Every key must name a parameter."
 
 
 def clone(tensors: TensorDict) -> Dict[str, Tensor]:
@@ -89,7 +29,7 @@ def clone(tensors: TensorDict) -> Dict[str, Tensor]:
         >>> c["w"].sum().backward(); p["w"].grad
         tensor([1., 1.])
     """
-    _check_dict("fparams.clone", "tensors", tensors)
+    check_dict("fparams.clone", "tensors", tensors)
     return {k: t.clone() for k, t in tensors.items()}
 
 
@@ -105,7 +45,7 @@ def detach(tensors: TensorDict, requires_grad: bool = False) -> Dict[str, Tensor
         >>> fparams.detach(p)["w"].requires_grad
         False
     """
-    _check_dict("fparams.detach", "tensors", tensors)
+    check_dict("fparams.detach", "tensors", tensors)
     if not requires_grad:
         return {k: t.detach() for k, t in tensors.items()}
     return {k: t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for k, t in tensors.items()}
@@ -119,10 +59,10 @@ def apply_updates(params: TensorDict, updates: Updates) -> Dict[str, Tensor]:
         >>> fparams.apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), 0.5)})
         {'w': tensor([1.5000, 1.5000])}
     """
-    _check_dict("fparams.apply_updates", "params", params)
-    _check_dict("fparams.apply_updates", "updates", updates)
-    _check_keys("fparams.apply_updates", "updates", updates, params)
-    _check_shapes("fparams.apply_updates", "updates", updates, params)
+    check_dict("fparams.apply_updates", "params", params)
+    check_dict("fparams.apply_updates", "updates", updates)
+    check_keys("fparams.apply_updates", "updates", updates, params, missing_ok=True, fix=_NOT_PARAMS)
+    check_shapes("fparams.apply_updates", "updates", updates, params)
     return {k: (p + updates[k] if k in updates else p) for k, p in params.items()}
 
 
@@ -145,21 +85,13 @@ def sgd_step(params: TensorDict, grads: Grads, lr: LR) -> Dict[str, Tensor]:
         {'w': tensor([0.9000, 0.9000])}
     """
     where = "fparams.sgd_step"
-    _check_dict(where, "params", params)
-    _check_dict(where, "grads", grads)
-    _check_keys(where, "grads", grads, params)
-    _check_shapes(where, "grads", grads, params)
-    if isinstance(lr, Mapping):
-        missing = [k for k in grads if k not in lr]
-        if missing:
-            raise ValueError(
-                f"{where}: `lr` is a dict but has no rate for {sorted(missing)}; give "
-                f"one tensor per parameter that gets a gradient."
-            )
-    elif not isinstance(lr, (numbers.Real, Tensor)):
-        raise TypeError(
-            f"{where}: `lr` must be a number, a tensor or a dict of tensors; got {type(lr).__name__}."
-        )
+    check_dict(where, "params", params)
+    check_dict(where, "grads", grads)
+    check_keys(where, "grads", grads, params, missing_ok=True, fix=_NOT_PARAMS)
+    check_shapes(where, "grads", grads, params)
+    rates = check_lr(where, lr)
+    if rates is not None:
+        check_rate_keys(where, rates, grads, params)
     check_rate_shapes(where, lr, {k: params[k] for k in grads})
     rate = _lr_for(lr)
     return {k: (p - rate(k) * grads[k] if k in grads else p) for k, p in params.items()}  # type: ignore[operator]
@@ -174,16 +106,11 @@ def map_params(fn: Callable[..., Tensor], tensors: TensorDict, *rest: TensorDict
         {'w': tensor([3., 3.])}
     """
     where = "fparams.map_params"
-    _check_dict(where, "tensors", tensors)
+    check_dict(where, "tensors", tensors)
     for i, other in enumerate(rest):
-        _check_dict(where, f"rest[{i}]", other)
+        check_dict(where, f"rest[{i}]", other)
         if other.keys() != tensors.keys():
-            missing = sorted(set(tensors) - set(other))
-            extra = sorted(set(other) - set(tensors))
-            raise ValueError(
-                f"{where}: dict {i + 1} does not have the keys of the first dict; "
-                f"missing {missing}, unexpected {extra}."
-            )
+            check_keys(where, f"rest[{i}]", other, tensors, fix="Every dict must have the keys of `tensors`.")
     return {k: fn(t, *(other[k] for other in rest)) for k, t in tensors.items()}
 
 
@@ -201,7 +128,7 @@ def partition(tensors: TensorDict, filter: Filter) -> Tuple[Dict[str, Tensor], D
         >>> sorted(head), sorted(body)
         (['head.w'], ['body.w'])
     """
-    _check_dict("fparams.partition", "tensors", tensors)
+    check_dict("fparams.partition", "tensors", tensors)
     chosen = mask("fparams.partition", tensors, filter)
     picked: Dict[str, Tensor] = {}
     rest: Dict[str, Tensor] = {}
@@ -220,12 +147,12 @@ def combine(*dicts: TensorDict) -> Dict[str, Tensor]:
     """
     out: Dict[str, Tensor] = {}
     for i, d in enumerate(dicts):
-        _check_dict("fparams.combine", f"dicts[{i}]", d)
-        clash = [k for k in d if k in out]
+        check_dict("fparams.combine", f"dicts[{i}]", d)
+        clash = sorted(k for k in d if k in out)
         if clash:
             raise ValueError(
-                f"fparams.combine: key(s) {sorted(clash)} appear in more than one dict; "
-                f"combine merges disjoint dicts such as the two halves of partition()."
+                f"fparams.combine: key(s) {', '.join(repr(k) for k in clash)} appear in more than one "
+                f"dict; combine merges disjoint dicts such as the two halves of partition()."
             )
         out.update(d)
     return out
@@ -239,5 +166,5 @@ def zeros_like(tensors: TensorDict) -> Dict[str, Tensor]:
         >>> fparams.zeros_like({"w": torch.ones(2)})
         {'w': tensor([0., 0.])}
     """
-    _check_dict("fparams.zeros_like", "tensors", tensors)
+    check_dict("fparams.zeros_like", "tensors", tensors)
     return {k: torch.zeros_like(t) for k, t in tensors.items()}

@@ -65,6 +65,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._checks import check_int
+
 __all__ = [
     "all_reduce_buffers",
     "all_reduce_grads",
@@ -188,9 +190,8 @@ def is_main_process() -> bool:
 
 
 def _check_int(where: str, arg: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{where}: `{arg}` must be an int >= {low}; got {value!r}.")
-    return int(value)
+    check_int(where, arg, value, low)
+    return int(value)  # type: ignore[call-overload]
 
 
 def shard_tasks(num_tasks: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> slice:

@@ -49,11 +49,11 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple,
 
 import torch
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
 from ._inner import adapt as _unrolled_adapt
 from ._inner import is_optimizer
 from ._norms import innermost_exact_norms
+from ._torch_compat import FUNCTORCH, is_compiling, pytree
 from ._transforms import partition
 from ._types import LR, Filter, Params, TensorDict
 
@@ -72,13 +72,6 @@ Tree = Union[Tensor, TensorDict]
 #: ``matvec(x) -> A x`` over dicts of tensors.
 MatVec = Callable[[Params], Params]
 
-_ft: Any
-try:  # reading the values of all tasks at once, to check convergence under vmap
-    from torch._C import _functorch as _ft
-
-    _NEEDED = (_ft.is_functorch_wrapped_tensor, _ft.get_unwrapped)
-except (ImportError, AttributeError):  # pragma: no cover - depends on the torch build
-    _ft = None
 
 
 class NotConvergedError(RuntimeError):
@@ -115,10 +108,10 @@ def _peek(t: Tensor) -> Optional[Tensor]:
     None under ``torch.compile`` or where torch lacks the internals: the checks
     are then skipped.
     """
-    if _ft is None or torch.compiler.is_compiling():  # pragma: no cover - depends on the torch build
+    if FUNCTORCH is None or is_compiling():  # pragma: no cover - depends on the torch build
         return None
-    while _ft.is_functorch_wrapped_tensor(t):
-        t = _ft.get_unwrapped(t)
+    while FUNCTORCH.is_wrapped(t):
+        t = FUNCTORCH.get_unwrapped(t)
     return t.detach()
 
 

@@ -188,7 +188,7 @@ def test_per_step_rate_errors() -> None:
         fparams.adapt(mse, params, xs, ys, lr=[0.1, fparams.optim.sgd(0.1)], steps=2)
     with pytest.raises(TypeError, match=r"fparams.adapt: `lr\[0\]`: `lr` must be a number"):
         fparams.adapt(mse, params, xs, ys, lr=["0.1"], steps=1)
-    with pytest.raises(ValueError, match=r"`lr\[1\]`: `lr` is a dict .* missing \['2.bias'\]"):
+    with pytest.raises(ValueError, match=r"`lr\[1\]`: `lr` is a dict .* Missing key\(s\): '2.bias'\."):
         fparams.adapt(mse, params, xs, ys, lr=[0.1, {k: 0.1 for k in list(params)[:3]}], steps=2)
     with pytest.raises(ValueError, match=r"`lr\[0\]`: the learning rate for '0.bias' has shape \(4, 1\)"):
         fparams.adapt(mse, params, xs, ys, lr=[torch.ones(4, 1, dtype=torch.float64)], steps=1)
@@ -210,7 +210,7 @@ def test_return_state_matches_a_hand_written_optimizer_loop() -> None:
         updates, ref_state = opt.update(grads, ref_state, ref)
         ref = fparams.apply_updates(ref, updates)
     assert_dicts_close(fast, ref, **TOL)
-    adam_state, ref_adam = state[0], ref_state[0]
+    adam_state, ref_adam = state.adam, ref_state.adam
     assert int(adam_state.step) == 3
     assert_dicts_close(adam_state.mu, ref_adam.mu, **TOL)
     assert_dicts_close(adam_state.nu, ref_adam.nu, **TOL)
@@ -219,7 +219,7 @@ def test_return_state_matches_a_hand_written_optimizer_loop() -> None:
         mse_aux, params, xs, ys, lr=opt, steps=3, has_aux=True, return_state=True
     )
     assert_dicts_close(fast2, ref, **TOL)
-    assert_dicts_close(state2[0].nu, ref_adam.nu, **TOL)
+    assert_dicts_close(state2.adam.nu, ref_adam.nu, **TOL)
     assert set(aux) == {"loss", "out"}
 
 
@@ -230,7 +230,7 @@ def test_return_state_under_vmap_and_filter() -> None:
 
     def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Dict[str, Tensor]:
         _, state = fparams.adapt(mse, p, xs, ys, lr=opt, steps=2, filter="2.*", return_state=True)
-        return state[0].trace
+        return state.momentum.trace
 
     vm = fparams.map_tasks(task, strategy="vmap")(params, *data)
     lp = fparams.map_tasks(task, strategy="loop")(params, *data)

@@ -38,7 +38,7 @@ def test_knobs_with_checkpoint_equal_without(strategy: str, lr: str) -> None:
                     mse_aux, p, xs, ys, lr=fparams.optim.adam(0.05), steps=3,
                     has_aux=True, return_state=True, checkpoint=checkpoint,
                 )  # fmt: skip
-                aux = aux + state[0].nu["2.bias"].sum()
+                aux = aux + state.adam.nu["2.bias"].sum()
             return mse_aux(fast, xq, yq)[0], aux
 
         return run

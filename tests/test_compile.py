@@ -88,11 +88,29 @@ def test_compiled_loop_strategy_compiles_one_task_once() -> None:
 # -- the fallback ----------------------------------------------------------------------
 
 
+def _dynamo_error(text: str) -> Exception:
+    import torch._dynamo.exc
+
+    return torch._dynamo.exc.InternalTorchDynamoError(text)
+
+
 def _failing_compile(calls: List[Any]) -> Any:
     def fake_compile(fn: Any, **kwargs: Any) -> Any:
         def compiled(*args: Any, **kw: Any) -> Any:
             calls.append(kwargs)
-            raise RuntimeError("backend exploded\nsecond line")
+            raise _dynamo_error("backend exploded\nsecond line")
+
+        return compiled
+
+    return fake_compile
+
+
+def _counting_compile(calls: List[Any]) -> Any:
+    # A "compiled" function that runs fn itself, so fn's own errors come from inside it.
+    def fake_compile(fn: Any, **kwargs: Any) -> Any:
+        def compiled(*args: Any, **kw: Any) -> Any:
+            calls.append(args)
+            return fn(*args, **kw)
 
         return compiled
 
@@ -117,7 +135,7 @@ def test_fallback_warns_once_and_returns_eager_results(monkeypatch: pytest.Monke
         "torch.compile failed on test_fallback_warns_once_and_returns_eager_results.<locals>.double"
         in message
     )
-    assert "RuntimeError: backend exploded" in message and "second line" not in message
+    assert "InternalTorchDynamoError: backend exploded" in message and "second line" not in message
     assert "running it eagerly from now on" in message
     assert calls == [{"mode": "reduce-overhead"}]
     with warnings.catch_warnings():
@@ -154,12 +172,103 @@ def test_a_real_dynamo_failure_falls_back() -> None:
     torch.testing.assert_close(f(-torch.ones(2)), torch.full((2,), -2.0))
 
 
-def test_errors_of_the_function_itself_surface(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_errors_of_the_function_itself_surface_and_compilation_stays_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: List[Any] = []
+    monkeypatch.setattr(torch, "compile", _counting_compile(calls))
+
+    def picky(x: Tensor) -> Tensor:
+        if x.numel() == 3:
+            raise ValueError("user error")
+        return x * 2
+
+    f = fparams.compile(picky)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no CompileFallbackWarning
+        with pytest.raises(ValueError, match="^user error$"):
+            f(torch.ones(3))
+        torch.testing.assert_close(f(torch.ones(2)), torch.full((2,), 2.0))
+    assert len(calls) == 2, "the call after the user's error still goes through torch.compile"
+
+
+def test_a_compile_failure_that_eager_repeats_is_the_inputs_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A tracing failure caused by the inputs: eager fn fails too, and its error surfaces.
+    calls: List[Any] = []
+
+    def fake_compile(fn: Any, **kwargs: Any) -> Any:
+        def compiled(x: Tensor) -> Any:
+            calls.append(x)
+            if x.numel() == 3:
+                raise _dynamo_error("RuntimeError when making fake tensor call")
+            return fn(x)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+
+    def needs_two(x: Tensor) -> Tensor:
+        return x @ torch.ones(2)
+
+    f = fparams.compile(needs_two)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError) as info:
+            f(torch.ones(3))
+        assert not fparams._torch_compat.is_compile_error(info.value), "eager's own error surfaces"
+        torch.testing.assert_close(f(torch.ones(2)), torch.tensor(2.0))
+    assert len(calls) == 2
+
+
+def test_a_user_error_under_real_dynamo_leaves_compilation_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bug this guards against: a ValueError raised by the function itself
+    # switched compilation off for good, with a misleading warning.
+    torch._dynamo.reset()
+    real_compile, calls = torch.compile, []
+
+    def spy(fn: Any, **kwargs: Any) -> Any:
+        compiled = real_compile(fn, **kwargs)
+
+        def call(*args: Any) -> Any:
+            calls.append(args)
+            return compiled(*args)
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", spy)
+
+    def g(x: Tensor) -> Tensor:
+        if x.shape[0] == 3:
+            raise ValueError("user error")
+        return x * 2
+
+    f = fparams.compile(g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fparams.CompileFallbackWarning)
+        torch.testing.assert_close(f(torch.ones(2)), torch.full((2,), 2.0))
+        with pytest.raises(ValueError, match="^user error$"):
+            f(torch.ones(3))
+        torch.testing.assert_close(f(torch.ones(4)), torch.full((4,), 2.0))
+    assert len(calls) == 3, "every call, the one after the user's error too, went through torch.compile"
+
+
+def test_compile_error_classification() -> None:
+    import torch._dynamo.exc
+
+    assert fparams._torch_compat.is_compile_error(_dynamo_error("x"))
+    assert fparams._torch_compat.is_compile_error(torch._dynamo.exc.Unsupported("x"))
+    assert not fparams._torch_compat.is_compile_error(ValueError("x"))
+    assert not fparams._torch_compat.is_compile_error(RuntimeError("shape mismatch"))
+
+
+def test_the_fallback_warning_names_the_callers_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted, not a fixed stacklevel: through meta_value_and_grad's wrappers too.
     monkeypatch.setattr(torch, "compile", _failing_compile([]))
-
-    def bad(x: Tensor) -> Tensor:
-        raise ValueError("bad input")
-
-    f = fparams.compile(bad)
-    with pytest.warns(fparams.CompileFallbackWarning), pytest.raises(ValueError, match="bad input"):
-        f(torch.ones(1))
+    params = _params()
+    data = task_data(3, shots=5, features=1)
+    with pytest.warns(fparams.CompileFallbackWarning) as record:
+        fparams.meta_value_and_grad(maml_task, compile=True)(params, *data)
+    with pytest.warns(fparams.CompileFallbackWarning) as direct:
+        fparams.compile(lambda x: x * 2)(torch.ones(1))
+    for w in [*record, *direct]:
+        assert w.filename == __file__, w.filename

@@ -79,7 +79,7 @@ def test_first_order_and_more_steps(capsys: pytest.CaptureFixture[str], tmp_path
 def test_compile_reaches_meta_value_and_grad(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Compiling this step takes minutes on a small CPU; notebook 02 runs a compiled step for real.
+    # Compiling this step is too slow for the fast tests; notebook 02 runs a compiled step for real.
     seen = []
     real = demo.fparams.meta_value_and_grad
 

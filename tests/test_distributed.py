@@ -278,7 +278,6 @@ def test_shard_tasks_is_contiguous_and_as_even_as_possible(n: int, world: int, s
     "kwargs, match",
     [
         ({"num_tasks": -1, "rank": 0, "world_size": 2}, r"`num_tasks` must be an int >= 0; got -1"),
-        ({"num_tasks": 2.0, "rank": 0, "world_size": 2}, r"`num_tasks` must be an int >= 0; got 2.0"),
         ({"num_tasks": 4, "rank": 0}, r"pass both `rank` and `world_size`, or neither"),
         ({"num_tasks": 4, "rank": 2, "world_size": 2}, r"`rank` must be below `world_size`"),
         ({"num_tasks": 4, "rank": 0, "world_size": 0}, r"`world_size` must be an int >= 1"),
@@ -287,6 +286,12 @@ def test_shard_tasks_is_contiguous_and_as_even_as_possible(n: int, world: int, s
 def test_shard_tasks_bad_arguments(kwargs: Dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         fd.shard_tasks(**kwargs)
+
+
+def test_shard_tasks_wrong_type() -> None:
+    message = r"^fparams\.distributed\.shard_tasks: `num_tasks` must be an int; got float 2\.0\.$"
+    with pytest.raises(TypeError, match=message):
+        fd.shard_tasks(2.0, rank=0, world_size=2)  # type: ignore[arg-type]
 
 
 COLLECTIVES = [
@@ -427,7 +432,7 @@ def test_demo_sharded_meta_grad_trains_like_one_process(tmp_path: pathlib.Path) 
     assert ranks[0]["losses"] == pytest.approx(expected["losses"], rel=1e-5)
 
 
-@pytest.mark.slow  # three torch imports: ~20 s of CPU
+@pytest.mark.slow  # three fresh interpreters, each importing torch
 def test_demo_under_torchrun_with_two_processes_reports_once(tmp_path: pathlib.Path) -> None:
     # The numbers equal one process's: test_demo_sharded_meta_grad_trains_like_one_process checks
     # that on the functions the command runs, without a second (slow) run of the command here.

@@ -344,6 +344,8 @@ def test_inference_mode_adapts_as_torch_func_does() -> None:
     (plain, over), (ref_plain, ref_over) = _both(run)
     torch.testing.assert_close(plain, ref_plain)
     torch.testing.assert_close(over, ref_over)
+    if torch.equal(ref_over[0], params["w"]):  # capability, not version: older torch.func returns zeros
+        pytest.skip("this torch's torch.func.grad does not differentiate under inference_mode")
     assert not torch.equal(over[0], params["w"]), "the vmap route did not adapt"
 
 

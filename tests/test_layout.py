@@ -17,6 +17,8 @@ ROOT = pathlib.Path(fparams.__file__).parent
 LAYERS = {
     "_version": 0,
     "_types": 0,
+    "_torch_compat": 0,
+    "_checks": 0,
     "_filters": 0,
     "_summary": 0,
     "_state": 1,

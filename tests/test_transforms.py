@@ -149,10 +149,27 @@ def test_sgd_step_with_a_dict_of_rates_meta_sgd() -> None:
         torch.testing.assert_close(d, -2 * grads[k] * (params[k] - lr.detach() * grads[k]))
 
 
-def test_sgd_step_extra_entries_in_the_rate_dict_are_ignored() -> None:
-    p = {"w": torch.ones(2)}
-    out = fparams.sgd_step(p, {"w": torch.ones(2)}, lr={"w": torch.tensor(0.5), "other": torch.tensor(9.0)})
+def test_sgd_step_rates_for_params_without_a_gradient_are_ignored() -> None:
+    p = {"w": torch.ones(2), "frozen": torch.ones(1)}
+    out = fparams.sgd_step(p, {"w": torch.ones(2)}, lr={"w": torch.tensor(0.5), "frozen": torch.tensor(9.0)})
     torch.testing.assert_close(out["w"], torch.full((2,), 0.5))
+    assert out["frozen"] is p["frozen"]
+
+
+def test_sgd_step_and_adapt_reject_a_rate_for_no_parameter_alike() -> None:
+    # one rule for a dict of rates: a key that names no parameter is a mistake
+    p = {"w": torch.ones(2)}
+    lr = {"w": torch.tensor(0.5), "other": torch.tensor(9.0)}
+    for call, where in [
+        (lambda: fparams.sgd_step(p, {"w": torch.ones(2)}, lr=lr), "sgd_step"),
+        (lambda: fparams.adapt(lambda q: (q["w"] ** 2).sum(), p, lr=lr), "adapt"),
+    ]:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert str(info.value) == (
+            f"fparams.{where}: `lr` is a dict of per-parameter rates but does not fit the params. "
+            "Unexpected key(s): 'other'. Give one rate per parameter that gets a gradient."
+        )
 
 
 # -- map_params -----------------------------------------------------------------
@@ -284,24 +301,28 @@ ERRORS = [
                  r"fparams\.apply_updates: `updates` must be a dict .* got NoneType", id="apply-updates"),
     pytest.param(lambda: fparams.apply_updates(P, {"z": ONE, "c": ONE, "a": ONE}),
                  ValueError,
-                 r"fparams\.apply_updates: `updates` has key\(s\) \['c', 'z'\] that are not in the params; "
-                 r"the params have \['a', 'b'\]", id="apply-extra-keys"),
+                 r"^fparams\.apply_updates: `updates` does not have the expected keys\. "
+                 r"Unexpected key\(s\): 'c', 'z'\. Every key must name a parameter\.$",
+                 id="apply-extra-keys"),
     pytest.param(lambda: fparams.sgd_step(P, {"a": ONE, "q": ONE}, lr=0.1), ValueError,
-                 r"fparams\.sgd_step: `grads` has key\(s\) \['q'\] that are not in the params",
+                 r"^fparams\.sgd_step: `grads` does not have the expected keys\. Unexpected key\(s\): 'q'\.",
                  id="sgd-extra"),
     pytest.param(lambda: fparams.sgd_step(P, {"b": ONE, "a": ONE}, lr={"x": torch.ones(1)}),
-                 ValueError, r"fparams\.sgd_step: `lr` is a dict but has no rate for \['a', 'b'\]",
+                 ValueError, r"^fparams\.sgd_step: `lr` is a dict of per-parameter rates but does not "
+                 r"fit the params\. Missing key\(s\): 'a', 'b'\. Unexpected key\(s\): 'x'\.",
                  id="sgd-lr-dict-missing"),
     pytest.param(lambda: fparams.sgd_step(P, P, lr="0.1"), TypeError,
-                 r"fparams\.sgd_step: `lr` must be a number, a tensor or a dict of tensors; got str",
+                 r"^fparams\.sgd_step: `lr` must be a number, a tensor or a dict of per-parameter rates; "
+                 r"got str '0\.1'\.$",
                  id="sgd-lr-type"),
     pytest.param(lambda: fparams.sgd_step(P, [1], lr=0.1), TypeError,
                  r"fparams\.sgd_step: `grads` must be a dict", id="sgd-grads-type"),
     pytest.param(lambda: fparams.map_params(torch.add, P, {"a": ONE, "c": ONE}), ValueError,
-                 r"fparams\.map_params: dict 1 does not have the keys of the first dict; "
-                 r"missing \['b'\], unexpected \['c'\]", id="map-keys"),
+                 r"^fparams\.map_params: `rest\[0\]` does not have the expected keys\. Missing key\(s\): "
+                 r"'b'\. Unexpected key\(s\): 'c'\. Every dict must have the keys of `tensors`\.$",
+                 id="map-keys"),
     pytest.param(lambda: fparams.map_params(torch.add, P, P, {"a": ONE}), ValueError,
-                 r"dict 2 does not have the keys of the first dict; missing \['b'\], unexpected \[\]",
+                 r"`rest\[1\]` does not have the expected keys\. Missing key\(s\): 'b'\. Every",
                  id="map-keys-second"),
     pytest.param(lambda: fparams.map_params(torch.add, P, 3), TypeError,
                  r"fparams\.map_params: `rest\[0\]` must be a dict", id="map-type"),
@@ -320,7 +341,7 @@ ERRORS = [
                  r"fparams\.partition: `tensors` must be a dict", id="partition-tensors-type"),
     pytest.param(lambda: fparams.combine({"a": torch.ones(1), "b": torch.ones(1)}, {"b": torch.ones(1)},
                                          {"a": torch.ones(1)}), ValueError,
-                 r"fparams\.combine: key\(s\) \['b'\] appear in more than one dict", id="combine-clash"),
+                 r"fparams\.combine: key\(s\) 'b' appear in more than one dict", id="combine-clash"),
     pytest.param(lambda: fparams.combine(P, [1]), TypeError,
                  r"fparams\.combine: `dicts\[1\]` must be a dict", id="combine-type"),
     pytest.param(lambda: fparams.zeros_like(None), TypeError,

@@ -2,9 +2,12 @@
 
 An optimizer is a :class:`GradientTransformation`, a pair of pure functions:
 ``init(params) -> state`` and ``update(grads, state, params=None) -> (updates,
-new_state)``. The updates are added with ``fparams.apply_updates``; nothing is
-changed in place, so inner loops can be differentiated (``torch.func.grad``),
-batched over tasks (``torch.func.vmap``) and compiled (``torch.compile``).
+new_state)``. A named optimizer's state has named fields that do not depend
+on the hyperparameters' values (``state.adam.mu``); optimizers print as the
+call that built them, and states as names and shapes. The updates are added
+with ``fparams.apply_updates``; nothing is changed in place, so inner loops
+can be differentiated (``torch.func.grad``), batched over tasks
+(``torch.func.vmap``) and compiled (``torch.compile``).
 Hyperparameters may be tensors that require grad and receive meta-gradients.
 
 Examples:
@@ -22,7 +25,7 @@ Examples:
     tensor(-14.3107)
 """
 
-from ._alias import adam, adamw, higher_adam, rmsprop, sgd
+from ._alias import AdamState, AdamWState, RmspropState, SgdState, adam, adamw, higher_adam, rmsprop, sgd
 from ._base import EmptyState, GradientTransformation, Hyper, InitFn, OptState, UpdateFn
 from ._transforms import (
     ScaleByAdamState,
@@ -30,6 +33,8 @@ from ._transforms import (
     TraceState,
     add_decayed_weights,
     chain,
+    identity,
+    named_chain,
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_rms,
@@ -37,19 +42,25 @@ from ._transforms import (
 )
 
 __all__ = [
+    "AdamState",
+    "AdamWState",
     "EmptyState",
     "GradientTransformation",
     "Hyper",
     "InitFn",
     "OptState",
+    "RmspropState",
     "ScaleByAdamState",
     "ScaleByRmsState",
+    "SgdState",
     "TraceState",
     "UpdateFn",
     "adam",
     "adamw",
     "add_decayed_weights",
     "chain",
+    "identity",
+    "named_chain",
     "higher_adam",
     "rmsprop",
     "scale_by_adam",

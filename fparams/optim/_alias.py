@@ -1,44 +1,132 @@
 """The named optimizers, with ``torch.optim``'s hyperparameter names and defaults.
 
-Each is a :func:`chain` of the small transforms in ``_transforms.py``. Every
+Each is a :func:`named_chain` of the small transforms in ``_transforms.py``,
+with a state of fixed fields (:class:`AdamState` ...): a transform that a
+hyperparameter switches off stays in its place as :func:`identity`, so
+``state.adam.mu`` always means the same, whatever the hyperparameters. Every
 hyperparameter may be a tensor that requires grad (a learned learning rate,
 momentum or beta); numbers are checked here, tensors are used as they are.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .._checks import check_betas, check_flag, check_hyper, check_lr, check_state
 from .._transforms import map_params, zeros_like
 from .._types import LR, TensorDict, Updates
 from ._base import (
+    EmptyState,
     GradientTransformation,
     Hyper,
     bias_correction,
-    check_betas,
-    check_flag,
     check_grads,
-    check_hyper,
-    check_lr,
-    check_state,
+    described,
     ema,
     ema_square,
+    format_call,
     init_step,
     is_nonzero,
     safe_sqrt,
+    state_repr,
 )
 from ._transforms import (
     ScaleByAdamState,
+    ScaleByRmsState,
+    TraceState,
     add_decayed_weights,
-    chain,
+    identity,
+    named_chain_for,
     scale_by_adam,
     scale_by_learning_rate,
     scale_by_rms,
     trace,
 )
+
+
+class SgdState(NamedTuple):
+    """State of :func:`sgd`. ``momentum`` is kept (holding the last gradient) even at momentum 0.
+
+    Examples:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.sgd(0.1).init({"w": torch.zeros(2)}).momentum.trace
+        {'w': tensor([0., 0.])}
+    """
+
+    weight_decay: EmptyState
+    momentum: TraceState
+    lr: EmptyState
+
+    def __repr__(self) -> str:
+        return state_repr(self)
+
+
+class AdamState(NamedTuple):
+    """State of :func:`adam`: ``state.adam.mu``, ``state.adam.nu``, ``state.adam.step`` ...
+
+    Examples:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.adam(0.1).init({"w": torch.zeros(2)})
+        AdamState(weight_decay=EmptyState(), adam=ScaleByAdamState(step=0, mu={'w': float32[2]}, \
+nu={'w': float32[2]}, nu_max={}), lr=EmptyState())
+    """
+
+    weight_decay: EmptyState
+    adam: ScaleByAdamState
+    lr: EmptyState
+
+    def __repr__(self) -> str:
+        return state_repr(self)
+
+
+class AdamWState(NamedTuple):
+    """State of :func:`adamw` (the decay comes after Adam's direction).
+
+    Examples:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.adamw(0.1).init({"w": torch.zeros(2)})._fields
+        ('adam', 'weight_decay', 'lr')
+    """
+
+    adam: ScaleByAdamState
+    weight_decay: EmptyState
+    lr: EmptyState
+
+    def __repr__(self) -> str:
+        return state_repr(self)
+
+
+class RmspropState(NamedTuple):
+    """State of :func:`rmsprop`: ``state.rms.nu``, and ``state.momentum.trace``.
+
+    Examples:
+        >>> import torch, fparams.optim
+        >>> fparams.optim.rmsprop().init({"w": torch.zeros(2)}).rms
+        ScaleByRmsState(nu={'w': float32[2]}, mu={})
+    """
+
+    weight_decay: EmptyState
+    rms: ScaleByRmsState
+    momentum: TraceState
+    lr: EmptyState
+
+    def __repr__(self) -> str:
+        return state_repr(self)
+
+
+def _decay(weight_decay: Hyper) -> GradientTransformation:
+    return add_decayed_weights(weight_decay) if is_nonzero(weight_decay) else identity()
+
+
+def _named(
+    opt: GradientTransformation, name: str, shown: Dict[str, Any], optional: Dict[str, Any]
+) -> GradientTransformation:
+    # The optimizer prints as its call: ``shown`` always, ``optional`` where not at its default.
+    extra = {k: v for k, v in optional.items() if is_nonzero(v)}  # False, 0 and 0.0 are defaults
+    return described(opt.init, opt.update, format_call(name, **shown, **extra))
 
 
 def sgd(
@@ -50,12 +138,15 @@ def sgd(
 ) -> GradientTransformation:
     """``torch.optim.SGD`` as a pure update rule: weight decay, momentum, Nesterov.
 
-    A hyperparameter that is the number 0 drops its transform; a tensor always
-    keeps it (its value is never read).
+    With ``momentum`` the number 0 the update is ``-lr * g``, and the state's
+    momentum buffer holds the last gradient (the state has the same fields
+    whatever the hyperparameters).
 
     Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.sgd(lr=0.1, momentum=0.9)
+        >>> opt
+        sgd(lr=0.1, momentum=0.9)
         >>> params = {"w": torch.ones(2)}
         >>> state = opt.init(params)
         >>> for _ in range(2):
@@ -63,6 +154,8 @@ def sgd(
         ...     params = fparams.apply_updates(params, updates)
         >>> params
         {'w': tensor([0.7100, 0.7100])}
+        >>> state.momentum
+        TraceState(step=2, trace={'w': float32[2]})
     """
     where = "fparams.optim.sgd"
     check_lr(where, lr)
@@ -74,13 +167,17 @@ def sgd(
         raise ValueError(f"{where}: `nesterov=True` needs a `momentum` > 0; got momentum={momentum!r}.")
     if nesterov and not isinstance(dampening, Tensor) and dampening != 0:
         raise ValueError(f"{where}: `nesterov=True` needs `dampening` == 0; got dampening={dampening!r}.")
-    parts: List[GradientTransformation] = []
-    if is_nonzero(weight_decay):
-        parts.append(add_decayed_weights(weight_decay))
-    if is_nonzero(momentum):
-        parts.append(trace(momentum, dampening, nesterov))
-    parts.append(scale_by_learning_rate(lr))
-    return chain(*parts)
+    opt = named_chain_for(
+        where,
+        SgdState,
+        dict(
+            weight_decay=_decay(weight_decay),
+            momentum=trace(momentum, dampening, nesterov),
+            lr=scale_by_learning_rate(lr),
+        ),
+    )
+    optional = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    return _named(opt, "sgd", dict(lr=lr), optional)
 
 
 def adam(
@@ -95,10 +192,14 @@ def adam(
     Examples:
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adam(lr=0.1)
+        >>> opt
+        adam(lr=0.1, betas=(0.9, 0.999), eps=1e-08)
         >>> params = {"w": torch.tensor([1.0, -1.0])}
         >>> updates, state = opt.update({"w": torch.tensor([4.0, -0.1])}, opt.init(params), params)
         >>> fparams.apply_updates(params, updates)
         {'w': tensor([ 0.9000, -0.9000])}
+        >>> state.adam.mu
+        {'w': tensor([ 0.4000, -0.0100])}
     """
     where = "fparams.optim.adam"
     check_lr(where, lr)
@@ -106,11 +207,17 @@ def adam(
     check_hyper(where, "eps", eps)
     check_hyper(where, "weight_decay", weight_decay)
     check_flag(where, "amsgrad", amsgrad)
-    parts: List[GradientTransformation] = []
-    if is_nonzero(weight_decay):
-        parts.append(add_decayed_weights(weight_decay))
-    parts += [scale_by_adam(betas, eps, amsgrad), scale_by_learning_rate(lr)]
-    return chain(*parts)
+    opt = named_chain_for(
+        where,
+        AdamState,
+        dict(
+            weight_decay=_decay(weight_decay),
+            adam=scale_by_adam(betas, eps, amsgrad),
+            lr=scale_by_learning_rate(lr),
+        ),
+    )
+    shown = dict(lr=lr, betas=tuple(betas), eps=eps)
+    return _named(opt, "adam", shown, dict(weight_decay=weight_decay, amsgrad=amsgrad))
 
 
 def adamw(
@@ -136,11 +243,17 @@ def adamw(
     check_hyper(where, "eps", eps)
     check_hyper(where, "weight_decay", weight_decay)
     check_flag(where, "amsgrad", amsgrad)
-    parts = [scale_by_adam(betas, eps, amsgrad)]
-    if is_nonzero(weight_decay):
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_learning_rate(lr))
-    return chain(*parts)
+    opt = named_chain_for(
+        where,
+        AdamWState,
+        dict(
+            adam=scale_by_adam(betas, eps, amsgrad),
+            weight_decay=_decay(weight_decay),
+            lr=scale_by_learning_rate(lr),
+        ),
+    )
+    shown = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+    return _named(opt, "adamw", shown, dict(amsgrad=amsgrad))
 
 
 def rmsprop(
@@ -168,14 +281,18 @@ def rmsprop(
     check_hyper(where, "weight_decay", weight_decay)
     check_hyper(where, "momentum", momentum)
     check_flag(where, "centered", centered)
-    parts: List[GradientTransformation] = []
-    if is_nonzero(weight_decay):
-        parts.append(add_decayed_weights(weight_decay))
-    parts.append(scale_by_rms(alpha, eps, centered))
-    if is_nonzero(momentum):
-        parts.append(trace(momentum))
-    parts.append(scale_by_learning_rate(lr))
-    return chain(*parts)
+    opt = named_chain_for(
+        where,
+        RmspropState,
+        dict(
+            weight_decay=_decay(weight_decay),
+            rms=scale_by_rms(alpha, eps, centered),
+            momentum=trace(momentum),
+            lr=scale_by_learning_rate(lr),
+        ),
+    )
+    optional = dict(weight_decay=weight_decay, momentum=momentum, centered=centered)
+    return _named(opt, "rmsprop", dict(lr=lr, alpha=alpha, eps=eps), optional)
 
 
 def higher_adam(
@@ -238,8 +355,13 @@ def higher_adam(
         updates = map_params(direction, mu, nu_max if amsgrad else nu)
         return updates, ScaleByAdamState(step, mu, nu, nu_max)
 
-    parts: List[GradientTransformation] = []
-    if is_nonzero(weight_decay):
-        parts.append(add_decayed_weights(weight_decay))
-    parts += [GradientTransformation(init, update), scale_by_learning_rate(lr)]
-    return chain(*parts)
+    extra = {"amsgrad": True} if amsgrad else {}
+    text = format_call("scale_by_higher_adam", betas=tuple(betas), eps=eps, **extra)
+    direction = described(init, update, text)
+    opt = named_chain_for(
+        where,
+        AdamState,
+        dict(weight_decay=_decay(weight_decay), adam=direction, lr=scale_by_learning_rate(lr)),
+    )
+    shown = dict(lr=lr, betas=tuple(betas), eps=eps)
+    return _named(opt, "higher_adam", shown, dict(weight_decay=weight_decay, amsgrad=amsgrad))

@@ -1,4 +1,4 @@
-"""The optimizer protocol: an ``init`` / ``update`` pair, its state types, and checks.
+"""The optimizer protocol: an ``init`` / ``update`` pair, its state types and reprs.
 
 An optimizer is a :class:`GradientTransformation`: ``init(params)`` builds a
 state, ``update(grads, state, params)`` turns gradients into additive updates
@@ -8,19 +8,14 @@ and a new state. Nothing is changed in place, so a step is a pure function that
 
 from __future__ import annotations
 
-import math
-import numbers
-from typing import Any, Mapping, NamedTuple, Optional, Protocol, Tuple, Type, Union
+import weakref
+from typing import Any, Mapping, NamedTuple, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
 
-from .._transforms import _check_dict, key_mismatch
+from .._checks import Hyper, check_dict, check_keys
 from .._types import TensorDict, Updates
-
-#: A hyperparameter: a number, or a tensor (which may require grad and then
-#: receives meta-gradients). Tensors are never read back into Python.
-Hyper = Union[float, Tensor]
 
 #: The state of an optimizer: a NamedTuple of a step count and dicts of tensors,
 #: or a tuple of such states (one per transform of a :func:`chain`).
@@ -59,89 +54,49 @@ class GradientTransformation(NamedTuple):
     init: InitFn
     update: UpdateFn
 
+    def __repr__(self) -> str:
+        text = _description(self)
+        if text is None:
+            return f"GradientTransformation(init={self.init!r}, update={self.update!r})"
+        return text
+
+
+#: What each optimizer built here prints as: ``init -> (weakref to update, text)``. Kept
+#: outside the NamedTuple, which stays a plain one (torch.compile traces plain NamedTuples).
+_DESCRIPTIONS: weakref.WeakKeyDictionary[Any, Tuple[Any, str]] = weakref.WeakKeyDictionary()
+
+
+def described(init: InitFn, update: UpdateFn, text: str) -> GradientTransformation:
+    """``GradientTransformation(init, update)`` that prints as ``text`` (the call that built it)."""
+    _DESCRIPTIONS[init] = (weakref.ref(update), text)
+    return GradientTransformation(init, update)
+
+
+def _description(opt: GradientTransformation) -> Optional[str]:
+    try:
+        entry = _DESCRIPTIONS.get(opt.init)
+    except TypeError:  # an init that cannot be weakly referenced: not one of ours
+        return None
+    return entry[1] if entry is not None and entry[0]() is opt.update else None
+
 
 class EmptyState(NamedTuple):
     """The state of a transform that keeps none (``add_decayed_weights`` ...)."""
 
 
-# -- checks -------------------------------------------------------------------
-#
-# Only Python numbers are validated: a tensor hyperparameter may be a learned
-# value inside torch.func.grad or vmap, where reading it (float(), .item(), an
-# `if` on its value) is impossible or would cut the meta-gradient.
-
-
-def check_hyper(
-    where: str, name: str, value: object, high: float = math.inf, high_closed: bool = False
-) -> None:
-    """``TypeError`` unless ``value`` is a number or a tensor; ``ValueError`` unless a number is
-    finite and in ``[0, high)`` (``[0, high]`` with ``high_closed``)."""
-    if isinstance(value, Tensor):
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(
-            f"{where}: `{name}` must be a number or a tensor; got {type(value).__name__} {value!r}."
-        )
-    number = float(value)  # a Python number, never a tensor
-    below = number <= high if high_closed else number < high
-    if 0 <= number and below and math.isfinite(number):
-        return
-    valid = "a finite number >= 0" if math.isinf(high) else f"in [0, {high:g}{']' if high_closed else ')'}"
-    raise ValueError(f"{where}: `{name}` must be {valid}; got {value!r}.")
-
-
-def check_lr(where: str, lr: object) -> Optional[Mapping[str, Hyper]]:
-    """Check a learning rate; return its dict of per-name rates, or None for one shared rate."""
-    if isinstance(lr, Mapping):
-        for k, v in lr.items():
-            check_hyper(where, f"lr[{k!r}]", v)
-        return lr
-    check_hyper(where, "lr", lr)
-    return None
-
-
-def check_flag(where: str, name: str, value: object) -> None:
-    """``TypeError`` unless ``value`` is a ``bool`` (flags pick code paths, so no tensors)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: `{name}` must be True or False; got {type(value).__name__} {value!r}.")
-
-
-def check_betas(where: str, betas: object) -> Tuple[Hyper, Hyper]:
-    """A pair of hyperparameters, each in ``[0, 1)``."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(
-            f"{where}: `betas` must be a pair (beta1, beta2) of numbers or tensors; got {betas!r}."
-        )
-    for i, beta in enumerate(betas):
-        check_hyper(where, f"betas[{i}]", beta, high=1.0)
-    return betas[0], betas[1]
-
-
-def is_nonzero(value: Hyper) -> bool:
-    """Whether a hyperparameter needs its transform: a tensor always does (no reading its value)."""
-    return isinstance(value, Tensor) or value != 0
-
-
-def check_state(where: str, state: object, kind: Type[Any]) -> None:
-    """``TypeError`` unless ``state`` is the NamedTuple that this transform's ``init`` returns."""
-    if not isinstance(state, kind):
-        raise TypeError(
-            f"{where}: `state` must be the {kind.__name__} that this transform's init() returned; "
-            f"got {type(state).__name__}."
-        )
-
-
 def check_grads(where: str, grads: object, expected: Mapping[str, object]) -> None:
     """``grads`` is a dict with exactly the names the state was initialised with."""
-    _check_dict(where, "grads", grads)
+    check_dict(where, "grads", grads)
     assert isinstance(grads, Mapping)
-    if grads.keys() == expected.keys():
-        return
-    raise ValueError(
-        f"{where}: `grads` does not have the names the state was initialised with. "
-        f"{key_mismatch(grads, expected)} Call init() with the params that get gradients "
-        f"(fparams.partition(params, filter) splits them off)."
-    )
+    if grads.keys() != expected.keys():
+        check_keys(
+            where,
+            "grads",
+            grads,
+            expected,
+            fix="The state was initialised with other names: call init() with the params that get "
+            "gradients (fparams.partition(params, filter) splits them off).",
+        )
 
 
 def check_params(where: str, params: Optional[TensorDict], grads: Mapping[str, object]) -> TensorDict:
@@ -151,14 +106,65 @@ def check_params(where: str, params: Optional[TensorDict], grads: Mapping[str, o
             f"{where}: `params` is required because the update reads the parameters; "
             f"call update(grads, state, params)."
         )
-    _check_dict(where, "params", params)
-    missing = sorted(k for k in grads if k not in params)
-    if missing:
-        raise ValueError(
-            f"{where}: `params` lacks the gradient name(s) {missing}; pass the params the "
-            f"gradients belong to."
-        )
+    check_dict(where, "params", params)
+    check_keys(
+        where, "params", params, grads, unexpected_ok=True, fix="Pass the params the gradients belong to."
+    )
     return params
+
+
+def is_nonzero(value: Hyper) -> bool:
+    """Whether a hyperparameter needs its transform: a tensor always does (no reading its value)."""
+    return isinstance(value, Tensor) or value != 0
+
+
+# -- how optimizers and their states print ------------------------------------------
+
+
+def format_hyper(value: object) -> str:
+    """A hyperparameter as a repr shows it: numbers as Python writes them, tensors briefly."""
+    if isinstance(value, Tensor):
+        grad = ", requires_grad=True" if value.requires_grad else ""
+        if value.dim() == 0:
+            try:
+                return f"tensor({value.item():.4g}{grad})"
+            except RuntimeError:  # under a transform: no value to read
+                pass
+        return f"tensor(shape={tuple(value.shape)}{grad})"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {format_hyper(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(format_hyper(v) for v in value) + ")"
+    return repr(value)
+
+
+def format_call(name: str, **hyper: object) -> str:
+    """``"adam(lr=0.01, betas=(0.9, 0.999))"``."""
+    return f"{name}(" + ", ".join(f"{k}={format_hyper(v)}" for k, v in hyper.items()) + ")"
+
+
+def _summary(value: object) -> str:
+    # A state field: a tensor as dtype[shape] (a step count as its value), a dict of
+    # tensors by name (the first few), other states recursively.
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.is_floating_point() and not value.requires_grad:
+            try:
+                return str(int(value))
+            except RuntimeError:  # under a transform: no value to read
+                pass
+        return f"{str(value.dtype).replace('torch.', '')}{list(value.shape)}"
+    if isinstance(value, Mapping):
+        items = [f"{k!r}: {_summary(v)}" for k, v in list(value.items())[:3]]
+        if len(value) > 3:
+            items.append(f"... {len(value)} tensors")
+        return "{" + ", ".join(items) + "}"
+    return repr(value)
+
+
+def state_repr(state: Tuple[Any, ...]) -> str:
+    """A NamedTuple state as its field names with shapes, not tensor values."""
+    fields = getattr(state, "_fields", ())
+    return f"{type(state).__name__}(" + ", ".join(f"{f}={_summary(v)}" for f, v in zip(fields, state)) + ")"
 
 
 def init_step(params: TensorDict) -> Tensor:

@@ -7,11 +7,12 @@ kept as a tensor so that no Python control flow depends on data.
 
 from __future__ import annotations
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 
+from .._checks import check_betas, check_dict, check_flag, check_hyper, check_lr, check_rate_keys, check_state
 from .._transforms import map_params, zeros_like
 from .._types import LR, TensorDict, Updates
 from ._base import (
@@ -20,17 +21,16 @@ from ._base import (
     Hyper,
     OptState,
     bias_correction,
-    check_betas,
-    check_flag,
     check_grads,
-    check_hyper,
-    check_lr,
     check_params,
-    check_state,
+    described,
     ema,
     ema_square,
+    format_call,
     init_step,
+    is_nonzero,
     safe_sqrt,
+    state_repr,
 )
 
 
@@ -39,6 +39,9 @@ class TraceState(NamedTuple):
 
     step: Tensor
     trace: Dict[str, Tensor]
+
+    def __repr__(self) -> str:
+        return state_repr(self)
 
 
 class ScaleByAdamState(NamedTuple):
@@ -53,16 +56,21 @@ class ScaleByAdamState(NamedTuple):
     nu: Dict[str, Tensor]
     nu_max: Dict[str, Tensor]
 
+    def __repr__(self) -> str:
+        return state_repr(self)
+
 
 class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`: step count, mean square and (``centered``) mean gradient.
+    """State of :func:`scale_by_rms`: the mean square and (``centered``) the mean gradient.
 
     ``mu`` is an empty dict unless ``centered=True``.
     """
 
-    step: Tensor
     nu: Dict[str, Tensor]
     mu: Dict[str, Tensor]
+
+    def __repr__(self) -> str:
+        return state_repr(self)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -71,26 +79,84 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     Examples:
         >>> import torch, fparams.optim as optim
         >>> opt = optim.chain(optim.add_decayed_weights(0.5), optim.scale_by_learning_rate(0.1))
+        >>> opt
+        chain(add_decayed_weights(weight_decay=0.5), scale_by_learning_rate(lr=0.1))
         >>> params = {"w": torch.ones(2)}
         >>> opt.update({"w": torch.ones(2)}, opt.init(params), params)[0]
         {'w': tensor([-0.1500, -0.1500])}
     """
+    _check_parts("fparams.optim.chain", transforms)
+    description = "chain(" + ", ".join(repr(t) for t in transforms) + ")"
+    return _chain("fparams.optim.chain", transforms, tuple, tuple, description)
+
+
+def named_chain(state_type: Type[Any], **transforms: GradientTransformation) -> GradientTransformation:
+    """:func:`chain` whose state is a ``state_type``, a NamedTuple with one field per transform.
+
+    Its state has the same fields whatever the hyperparameters, so
+    ``state.adam.mu`` replaces positional access, and a saved state fits an
+    optimizer built with other hyperparameter values. A transform that a
+    hyperparameter switches off is kept in its place as :func:`identity`.
+    The named optimizers (:func:`fparams.optim.adam` ...) are named chains.
+
+    Examples:
+        >>> import typing, torch, fparams.optim as optim
+        >>> class DecayThenScale(typing.NamedTuple):
+        ...     decay: optim.EmptyState
+        ...     lr: optim.EmptyState
+        >>> opt = optim.named_chain(
+        ...     DecayThenScale, decay=optim.add_decayed_weights(0.5), lr=optim.scale_by_learning_rate(0.1)
+        ... )
+        >>> params = {"w": torch.ones(2)}
+        >>> updates, state = opt.update({"w": torch.ones(2)}, opt.init(params), params)
+        >>> state.lr
+        EmptyState()
+    """
+    return named_chain_for("fparams.optim.named_chain", state_type, transforms)
+
+
+def named_chain_for(
+    where: str, state_type: Type[Any], transforms: Dict[str, GradientTransformation]
+) -> GradientTransformation:
+    """:func:`named_chain`, with ``where`` (the named optimizer) as its errors' prefix."""
+    fields = getattr(state_type, "_fields", None)
+    if not isinstance(state_type, type) or not isinstance(fields, tuple):
+        raise TypeError(f"{where}: `state_type` must be a NamedTuple class; got {state_type!r}.")
+    if list(transforms) != list(fields):
+        raise ValueError(
+            f"{where}: the transforms must be given by the fields of {state_type.__name__}, in "
+            f"order: {', '.join(fields)}; got {', '.join(transforms) or 'none'}."
+        )
+    _check_parts(where, tuple(transforms.values()))
+    description = f"named_chain({state_type.__name__}, " + ", ".join(
+        f"{k}={t!r}" for k, t in transforms.items()
+    ) + ")"
+    parts = tuple(transforms.values())
+    return _chain(where, parts, lambda states: state_type(*states), state_type, description)
+
+
+def _check_parts(where: str, transforms: Tuple[Any, ...]) -> None:
     for i, t in enumerate(transforms):
         if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
             raise TypeError(
-                f"fparams.optim.chain: transform {i} must have `init` and `update` methods (a "
+                f"{where}: transform {i} must have `init` and `update` methods (a "
                 f"GradientTransformation such as fparams.optim.trace(0.9)); got {type(t).__name__}."
             )
 
-    def init(params: TensorDict) -> Tuple[OptState, ...]:
-        return tuple(t.init(params) for t in transforms)
+
+def _chain(
+    where: str, transforms: Tuple[GradientTransformation, ...], pack: Any, kind: Any, description: str
+) -> GradientTransformation:
+    def init(params: TensorDict) -> OptState:
+        return pack([t.init(params) for t in transforms])
 
     def update(
-        grads: TensorDict, state: Tuple[OptState, ...], params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, Tuple[OptState, ...]]:
-        if type(state) is not tuple or len(state) != len(transforms):
+        grads: TensorDict, state: Any, params: Optional[TensorDict] = None
+    ) -> Tuple[Updates, OptState]:
+        check_dict(where, "grads", grads)
+        if type(state) is not kind or len(state) != len(transforms):
             raise TypeError(
-                f"fparams.optim.chain: `state` must be the tuple of {len(transforms)} states that "
+                f"{where}: `state` must be the {kind.__name__} of {len(transforms)} states that "
                 f"this chain's init() returned; got {type(state).__name__}."
             )
         updates: TensorDict = grads
@@ -98,9 +164,33 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         for t, s in zip(transforms, state):
             updates, s = t.update(updates, s, params)
             new_state.append(s)
-        return dict(updates), tuple(new_state)
+        return dict(updates), pack(new_state)
 
-    return GradientTransformation(init, update)
+    return described(init, update, description)
+
+
+def identity() -> GradientTransformation:
+    """Pass the updates through unchanged: the placeholder of a switched-off transform.
+
+    Examples:
+        >>> import torch, fparams.optim as optim
+        >>> opt = optim.identity()
+        >>> opt.update({"w": torch.ones(1)}, opt.init({"w": torch.ones(1)}))
+        ({'w': tensor([1.])}, EmptyState())
+    """
+    where = "fparams.optim.identity"
+
+    def init(params: TensorDict) -> EmptyState:
+        return EmptyState()
+
+    def update(
+        grads: TensorDict, state: EmptyState, params: Optional[TensorDict] = None
+    ) -> Tuple[Updates, EmptyState]:
+        check_state(where, state, EmptyState)
+        check_dict(where, "grads", grads)
+        return dict(grads), state
+
+    return described(init, update, "identity()")
 
 
 def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
@@ -128,7 +218,7 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
         params = check_params(where, params, grads)
         return {k: g + weight_decay * params[k] for k, g in grads.items()}, state
 
-    return GradientTransformation(init, update)
+    return described(init, update, format_call("add_decayed_weights", weight_decay=weight_decay))
 
 
 def scale_by_learning_rate(lr: LR) -> GradientTransformation:
@@ -155,15 +245,10 @@ def scale_by_learning_rate(lr: LR) -> GradientTransformation:
         check_state(where, state, EmptyState)
         if per_name is None:
             return {k: -lr * g for k, g in grads.items()}, state  # type: ignore[operator]
-        missing = sorted(k for k in grads if k not in per_name)
-        if missing:
-            raise ValueError(
-                f"{where}: `lr` is a dict but has no rate for {missing}; give one rate per "
-                f"parameter that gets a gradient."
-            )
+        check_rate_keys(where, per_name, grads, per_name)
         return {k: -per_name[k] * g for k, g in grads.items()}, state
 
-    return GradientTransformation(init, update)
+    return described(init, update, format_call("scale_by_learning_rate", lr=lr))
 
 
 def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> GradientTransformation:
@@ -171,7 +256,8 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
 
     On the first step the buffer is ``g`` itself (torch's rule, which ignores
     ``dampening`` then). The update is ``b``, or ``g + momentum * b`` with
-    ``nesterov=True``.
+    ``nesterov=True``. With ``momentum`` the number 0 the update is ``g``, as
+    torch.optim's, and the buffer holds ``g`` (the state keeps its fields).
 
     Examples:
         >>> import torch, fparams.optim as optim
@@ -186,7 +272,8 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
     check_hyper(where, "dampening", dampening, high=1.0, high_closed=True)
     check_flag(where, "nesterov", nesterov)
     # With no dampening a zero buffer gives torch's first step on its own.
-    first_step_rule = isinstance(dampening, Tensor) or dampening != 0
+    first_step_rule = is_nonzero(dampening)
+    passthrough = not is_nonzero(momentum)  # torch ignores dampening without momentum
 
     def init(params: TensorDict) -> TraceState:
         return TraceState(init_step(params), zeros_like(params))
@@ -196,6 +283,8 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
     ) -> Tuple[Updates, TraceState]:
         check_state(where, state, TraceState)
         check_grads(where, grads, state.trace)
+        if passthrough:
+            return dict(grads), TraceState(state.step + 1, dict(grads))
 
         def buffer(g: Tensor, b: Tensor) -> Tensor:
             new = momentum * b + (1 - dampening) * g
@@ -208,7 +297,9 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
             updates = dict(buffers)
         return updates, TraceState(state.step + 1, buffers)
 
-    return GradientTransformation(init, update)
+    extra = {"dampening": dampening} if is_nonzero(dampening) else {}
+    extra.update({"nesterov": True} if nesterov else {})
+    return described(init, update, format_call("trace", momentum=momentum, **extra))
 
 
 def scale_by_adam(
@@ -255,7 +346,8 @@ def scale_by_adam(
         updates = map_params(direction, mu, nu_max if amsgrad else nu)
         return updates, ScaleByAdamState(step, mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    extra = {"amsgrad": True} if amsgrad else {}
+    return described(init, update, format_call("scale_by_adam", betas=tuple(betas), eps=eps, **extra))
 
 
 def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False) -> GradientTransformation:
@@ -278,7 +370,7 @@ def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False)
     check_flag(where, "centered", centered)
 
     def init(params: TensorDict) -> ScaleByRmsState:
-        return ScaleByRmsState(init_step(params), zeros_like(params), zeros_like(params) if centered else {})
+        return ScaleByRmsState(zeros_like(params), zeros_like(params) if centered else {})
 
     def update(
         grads: TensorDict, state: ScaleByRmsState, params: Optional[TensorDict] = None
@@ -292,6 +384,7 @@ def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False)
         else:
             mu, spread = {}, nu
         updates = map_params(lambda g, s: g / (safe_sqrt(s) + eps), grads, spread)
-        return updates, ScaleByRmsState(state.step + 1, nu, mu)
+        return updates, ScaleByRmsState(nu, mu)
 
-    return GradientTransformation(init, update)
+    extra = {"centered": True} if centered else {}
+    return described(init, update, format_call("scale_by_rms", alpha=alpha, eps=eps, **extra))
