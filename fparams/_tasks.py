@@ -86,11 +86,10 @@ def choose_strategy(num_tasks: int, task_numel: int = 0) -> str:
     ``randomness="error"`` (no random ops: every strategy gives the same
     numbers); note that the loop, unlike vmap, does not reject random ops.
 
-    Measured with ``benchmarks/bench_tasks.py`` on a 2-core CPU, torch 2.13:
-    sine MLP, 32 tasks of 10 points (10 elements per task): vmap ~12x faster
-    than a loop; 4-block conv net, 8 tasks of 80 28x28 images (62720
-    elements): vmap ~2x slower than the loop; 1 task: the loop avoids
-    vmap's batching overhead (1.7x).
+    The threshold comes from ``benchmarks/bench_tasks.py`` (README,
+    Performance): many tiny tasks (the sine MLP) run far faster under vmap,
+    image tasks of a conv net slower, and one task is cheaper without
+    vmap's batching.
     """
     if num_tasks == 1 or task_numel >= LOOP_FROM_NUMEL:
         return "loop"
