@@ -12,9 +12,10 @@ one step's activations at a time.
 the step's own inner ``autograd.grad`` reads a saved tensor, so every step
 would run twice before the outer backward pass even starts. Here the saved
 tensors stay until the step returns, through autograd's saved-tensor hooks,
-which torch's ``torch.func.grad`` / ``vjp`` / ``jacrev`` refuse and which
-``torch.compile`` does not trace. So checkpointing runs where the inner
-gradient is taken by plain autograd:
+which torch's ``torch.func.grad`` / ``vjp`` / ``jacrev`` refuse. So
+checkpointing runs where the inner gradient is taken by plain autograd (and
+``fparams.adapt`` leaves it out under ``torch.compile``, which traces the
+whole computation into a graph of its own):
 
 * the ``"autograd"`` route (no functorch transform active): the step is
   checkpointed as it is;
@@ -40,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ._grads import _batched, grad_route
-from ._torch_compat import FUNCTORCH, is_compiling, pytree
+from ._torch_compat import FUNCTORCH, pytree
 
 #: ``body(carry, ctx, buffers) -> carry``: one inner step. ``ctx`` holds every
 #: other tensor the step reads (rates, frozen params, the task's arguments), so
@@ -156,19 +157,15 @@ def _set_rng_state(states: List[Tuple[Optional[torch.device], Tensor]]) -> None:
 
 
 def check_checkpoint(route: str) -> None:
-    """Raise where activation checkpointing cannot run: under torch.func transforms or compile."""
+    """Raise where activation checkpointing cannot run: under a torch.func transform."""
     if route in ("autograd", "vmap"):
         return
-    if is_compiling():
-        what = "torch.compile"
-    else:
-        what = "a torch.func transform (grad, vjp, jacrev, jvp, or a vmap nested in another)"
     raise RuntimeError(
-        f"fparams.adapt: checkpoint=True cannot run under {what}: activation checkpointing "
-        f"works through autograd's saved-tensor hooks, which torch.func's grad transforms and "
-        f"torch.compile do not support. Take the meta-gradient with .backward() or "
-        f"fparams.meta_value_and_grad (eager; both use plain autograd), under at most one "
-        f"vmap (fparams.map_tasks), or pass checkpoint=False."
+        "fparams.adapt: checkpoint=True cannot run under a torch.func transform (grad, vjp, "
+        "jacrev, jvp, or a vmap nested in another): activation checkpointing works through "
+        "autograd's saved-tensor hooks, which torch.func's grad transforms refuse. Take the "
+        "meta-gradient with .backward() or fparams.meta_value_and_grad (eager; both use plain "
+        "autograd), under at most one vmap (fparams.map_tasks), or pass checkpoint=False."
     )
 
 

@@ -11,10 +11,18 @@ import torch
 from torch import Tensor
 
 from ._checkpoint import check_checkpoint, checkpointed_step
-from ._checks import check_dict, check_int, check_lr, check_rate_keys, check_rate_shapes, reports_errors_here
+from ._checks import (
+    check_dict,
+    check_flag,
+    check_int,
+    check_lr,
+    check_rate_keys,
+    check_rate_shapes,
+    reports_errors_here,
+)
 from ._grads import grad_route, inner_grad, inner_grad_with_aux
 from ._norms import innermost_exact_norms
-from ._torch_compat import is_captured_update_error, is_nonscalar_grad_error
+from ._torch_compat import is_captured_update_error, is_compiling, is_nonscalar_grad_error
 from ._transforms import partition
 from ._types import LR, Filter, Params, TensorDict
 
@@ -121,9 +129,12 @@ def adapt(
             with plain autograd (``.backward()``, eager
             :func:`fparams.meta_value_and_grad`) and under one ``vmap``
             (:func:`fparams.map_tasks`, every strategy); under an outer
-            ``torch.func`` grad transform or ``torch.compile`` it raises,
-            since torch's checkpointing cannot run there. Without a graph to
-            keep (``first_order=True``, or no grad mode) it changes nothing.
+            ``torch.func`` grad transform it raises, since the saved-tensor
+            hooks it needs cannot run there. It changes nothing where there
+            is no second-order graph to the params to keep
+            (``first_order=True``, no grad mode, no param that requires
+            grad) and inside ``torch.compile``, which traces the whole
+            computation into a graph of its own.
             Layers that update module buffers in place other than through
             ``buffers`` (BatchNorm in train mode without ``buffers=``) update
             them once more when a step is recomputed; pass ``buffers=``.
@@ -173,11 +184,13 @@ def adapt(
     create_graph = torch.is_grad_enabled() and not first_order
     if create_graph and not any(t.requires_grad for t in params.values()):
         route = "func"  # see grad_route: no graph from fresh leaves onto the results
-    # Checkpointing saves memory only where second-order graphs are recorded.
-    checkpoint = checkpoint and create_graph
+    # Checkpointing saves memory only where a second-order graph to the params is
+    # recorded (with none requiring grad there is no meta-gradient to bound), and
+    # torch.compile traces a graph of its own: there the step is left as it is.
+    check_flag(where, "checkpoint", checkpoint)
+    checkpoint = checkpoint and create_graph and not is_compiling()
+    checkpoint = checkpoint and any(t.requires_grad for t in params.values())
     if checkpoint:
-        if route == "func" and grad_route() in ("autograd", "vmap"):
-            route = grad_route()  # the fresh leaves' graph is dropped with the step's
         check_checkpoint(route)
     norms = innermost_exact_norms()
     if norms is not None:

@@ -628,6 +628,10 @@ def meta_value_and_grad(
     return _compiled_step(task_fn, step, has_aux, strategy, chunk_size, randomness, batch_stats)
 
 
+def _one_task_batch(t: Any) -> Any:
+    return t.unsqueeze(0) if isinstance(t, Tensor) else t
+
+
 def _compiled_step(
     task_fn: Callable[..., Any],
     step: Callable[..., Any],
@@ -645,6 +649,10 @@ def _compiled_step(
     whole = compile_fallback(step)
 
     def one_task(params: Any, *task: Any) -> Any:
+        if not is_compiling():  # compile_fallback's eager call: plain autograd, as without compile
+            value, grads = step(params, *(pytree.tree_map(_one_task_batch, x) for x in task))
+            return ((value[0], pytree.tree_map(lambda t: t[0], value[1])) if has_aux else value), grads
+
         def loss(p: Any, *t: Any) -> Any:
             with exact_norms(batch_stats):
                 out = task_fn(p, *t)

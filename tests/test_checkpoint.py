@@ -214,3 +214,56 @@ def test_under_an_outer_torch_func_grad_it_raises_and_says_what_works() -> None:
         torch.func.grad(objective)(fparams.detach(params))
     with pytest.raises(RuntimeError, match=r"meta_value_and_grad"):
         torch.func.grad(objective)(fparams.detach(params))
+
+
+def test_detached_params_get_results_without_a_graph() -> None:
+    # no param requires grad: no meta-gradient to bound, so the step is left as it is
+    mse, params = _mlp(7)
+    xs, ys = (t[0] for t in task_data(1, outputs=2, seed=11)[:2])
+    fast = fparams.adapt(mse, fparams.detach(params), xs, ys, lr=0.3, steps=2, checkpoint=True)
+    assert not any(t.requires_grad for t in fast.values())
+
+
+def test_checkpoint_must_be_a_bool() -> None:
+    mse, params = _mlp(8)
+    xs, ys = (t[0] for t in task_data(1, outputs=2, seed=12)[:2])
+    message = r"^fparams\.adapt: `checkpoint` must be True or False; got str 'yes'\.$"
+    with pytest.raises(TypeError, match=message):
+        fparams.adapt(mse, params, xs, ys, lr=0.3, checkpoint="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_the_compiled_steps_eager_fallback_runs_checkpointed(
+    strategy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # compile_fallback's eager call of one task's step takes plain autograd, as the uncompiled step
+    def failing_compile(fn: Any, **kw: Any) -> Any:
+        def call(*a: Any, **k: Any) -> Any:
+            raise torch._dynamo.exc.Unsupported("no compiler in this test")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    mse, params = _mlp(9)
+    data = task_data(TASKS, shots=5, outputs=2, seed=13)
+    task = _task_fn(mse, True, lr=0.3)
+    with pytest.warns(fparams.CompileFallbackWarning):
+        step = fparams.meta_value_and_grad(task, strategy=strategy, compile=True)
+        value, grads = step(fparams.detach(params), *data)
+    want_value, want = fparams.meta_value_and_grad(_task_fn(mse, False, lr=0.3), strategy=strategy)(
+        fparams.detach(params), *data
+    )
+    torch.testing.assert_close(value, want_value, **TOL)
+    assert_dicts_close(grads, want, **TOL)
+
+
+@pytest.mark.slow  # torch.compile: tens of seconds
+def test_under_torch_compile_the_step_is_traced_as_it_is() -> None:
+    mse, params = _mlp(10)
+    data = task_data(TASKS, shots=5, outputs=2, seed=1)  # _meta_grads' data
+    compiled = torch.compile(lambda p: fparams.map_tasks(_task_fn(mse, True, lr=0.3))(p, *data).sum())
+    got = grads_wrt(compiled(params), params)
+    want = _meta_grads("vmap", False, params, mse, lr=0.3)
+    assert_dicts_close(got, want, rtol=1e-8, atol=1e-10)
+    # and nothing is left switched off: checkpointing works eagerly afterwards
+    assert_dicts_close(_meta_grads("vmap", True, params, mse, lr=0.3), want, **TOL)
