@@ -588,7 +588,9 @@ def meta_value_and_grad(
     (the mean loss is a sum over chunks). That holds where the results need
     no graph: pass detached params (``fparams.detach(params)``). Params that
     require grad ask for a meta-gradient that is itself differentiable, as
-    ``torch.func.grad`` gives it, so every chunk's graph is kept. With
+    ``torch.func.grad`` gives it, so every chunk's graph is kept (about 3x the
+    memory of ``.backward()``); so does a tensor that requires grad and that
+    ``task_fn`` captures (put learned hyperparameters in ``params``). With
     ``.backward()`` on :func:`map_tasks`' output, by contrast, every task's
     graph lives until the backward pass, whatever the strategy. The inner
     loops' own memory is bounded by ``fparams.adapt(..., checkpoint=True)``.

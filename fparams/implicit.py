@@ -656,14 +656,26 @@ def custom_root(
             f"{_WHERE}: `optimality_fn` must be a callable optimality_fn(sol, *args); got "
             f"{type(optimality_fn).__name__}."
         )
-    if solve is not None and not callable(solve):
-        raise TypeError(
-            f"{_WHERE}: `solve` must be a linear solver such as fparams.implicit.cg(maxiter=50); "
-            f"got {type(solve).__name__}."
-        )
+    _check_solve(_WHERE, solve)
     if not isinstance(has_aux, bool):
         raise TypeError(f"{_WHERE}: `has_aux` must be a bool; got {type(has_aux).__name__}.")
     return _root_decorator(optimality_fn, cg() if solve is None else solve, has_aux, symmetric=False)
+
+
+def _check_solve(where: str, solve: Any) -> None:
+    """``solve`` is None or a solver ``solve(matvec, b)``, not a solver factory left uncalled."""
+    if solve is None:
+        return
+    if solve in (cg, normal_cg, neumann):
+        raise TypeError(
+            f"{where}: `solve` is the solver factory fparams.implicit.{solve.__name__} itself; "
+            f"call it to make a solver, e.g. solve=fparams.implicit.{solve.__name__}()."
+        )
+    if not callable(solve):
+        raise TypeError(
+            f"{where}: `solve` must be a linear solver such as fparams.implicit.cg(maxiter=50); "
+            f"got {type(solve).__name__}."
+        )
 
 
 def _root_decorator(
@@ -793,11 +805,7 @@ def adapt(
             lr = lr.detach()  # the solution does not depend on it: no gradient
         elif isinstance(lr, Mapping):
             lr = {k: v.detach() if isinstance(v, Tensor) else v for k, v in lr.items()}
-    if solve is not None and not callable(solve):
-        raise TypeError(
-            f"{where}: `solve` must be a linear solver such as fparams.implicit.cg(maxiter=50); "
-            f"got {type(solve).__name__}."
-        )
+    _check_solve(where, solve)
     trainable, frozen = partition(params, filter) if filter is not None else (dict(params), {})
     if not trainable:
         raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")

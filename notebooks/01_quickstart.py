@@ -163,7 +163,7 @@ loop_seconds = time.perf_counter() - start
 # | `for ... in zip(*tasks):` | gone: `meta_value_and_grad` maps the tasks (`map_tasks`, vmap) |
 # | `learner = maml.clone()` | gone: adaptation returns a new dict |
 # | `learner.adapt(mse(learner(xs), ys))` | `fast = fparams.adapt(sine_mse, p, xs, ys, lr=0.01)` |
-# | `(mse(learner(xq), yq) / tasks).backward()` | `loss, grads = step(params, *tasks)` |
+# | `(mse(learner(xq), yq) / tasks).backward()` | `loss, grads = step(fparams.detach(params), *tasks)` |
 # | (`.backward()` filled `p.grad`) | `p.grad = grads[name]` for every name |
 # | `opt.step()` | `opt.step()` |
 
@@ -186,7 +186,8 @@ generator = torch.Generator().manual_seed(0)
 vmap_losses = []
 start = time.perf_counter()
 for _ in (bar := tqdm(range(iterations), desc="functional face, all tasks at once")):
-    loss, grads = step(params, *sample_tasks(generator, tasks).data())
+    # detached: the step takes the meta-gradient itself, one task's graph at a time
+    loss, grads = step(fparams.detach(params), *sample_tasks(generator, tasks).data())
     for name, p in params.items():
         p.grad = grads[name]
     opt.step()

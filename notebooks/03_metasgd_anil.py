@@ -44,13 +44,18 @@ def leaves(tree):
     return [t for v in tree.values() for t in (leaves(v) if isinstance(v, dict) else [v])]
 
 
+def detached(state):
+    """The values of `state` cut from autograd's graph: the meta-step takes its own gradient."""
+    return {k: fparams.detach(v) if isinstance(v, dict) else v.detach() for k, v in state.items()}
+
+
 def train(task_loss, state, desc, iterations=ITERATIONS, meta_lr=3e-3):
     """Adam on the tensors of `state` (a dict, or a dict of dicts), one meta_value_and_grad call per step."""
     opt = torch.optim.Adam(leaves(state), lr=meta_lr)
     step = fparams.meta_value_and_grad(task_loss)
     generator = torch.Generator().manual_seed(0)
     for _ in (bar := tqdm(range(iterations), desc=desc)):
-        loss, grads = step(state, *sample_tasks(generator, 25).data())
+        loss, grads = step(detached(state), *sample_tasks(generator, 25).data())
         for p, g in zip(leaves(state), leaves(grads)):
             p.grad = g
         opt.step()
@@ -59,7 +64,7 @@ def train(task_loss, state, desc, iterations=ITERATIONS, meta_lr=3e-3):
 
 def held_out_mse(task_loss, state, steps):
     """Mean query MSE over the 100 held-out tasks after `steps` inner steps."""
-    frozen = {k: fparams.detach(v) if isinstance(v, dict) else v.detach() for k, v in state.items()}
+    frozen = detached(state)
     per_task = fparams.map_tasks(lambda s, *task: task_loss(s, *task, steps=steps))(frozen, *held_out)
     return per_task.mean().item()
 

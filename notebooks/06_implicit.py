@@ -108,7 +108,7 @@ def meta_train(task_loss, iterations=150):
     generator = torch.Generator().manual_seed(0)
     losses = []
     for _ in tqdm(range(iterations), leave=False):
-        loss, grads = step(params, *sample_tasks(generator, 25))
+        loss, grads = step(fparams.detach(params), *sample_tasks(generator, 25))
         for name, p in params.items():
             p.grad = grads[name]
         opt.step()
@@ -196,7 +196,8 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
 for name, marker in (("MAML", "o"), ("iMAML", "s")):
     ax1.plot(STEPS, accuracy[name], marker=marker, label=name)
     ax2.plot(MEMORY_STEPS, memory[name], marker=marker, label=name)
-ax1.set(xlabel="inner steps at test time", ylabel="held-out query MSE", title="accuracy", yscale="log")
+ax1.set(xlabel="inner steps at test time", ylabel="held-out query MSE", yscale="log")
+ax1.set_title("error after adaptation")
 ax2.set(xlabel="inner steps", ylabel="peak memory of a meta-step (MB)", title="memory (100 tasks)")
 ax1.legend()
 ax2.legend()

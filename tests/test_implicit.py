@@ -655,3 +655,17 @@ def test_docstring_examples_run() -> None:
 
     result = doctest.testmod(implicit, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 10 and result.failed == 0
+
+
+@pytest.mark.parametrize("factory", ["cg", "normal_cg", "neumann"])
+def test_an_uncalled_solver_factory_is_refused_at_once(factory: str) -> None:
+    made = getattr(implicit, factory)
+    message = (
+        rf"fparams\.implicit\.custom_root: `solve` is the solver factory fparams\.implicit\.{factory} "
+        rf"itself; call it to make a solver, e\.g\. solve=fparams\.implicit\.{factory}\(\)\."
+    )
+    with pytest.raises(TypeError, match=message):
+        implicit.custom_root(lambda x, a: x - a, solve=made)
+    params = {"w": torch.zeros(2, dtype=torch.float64)}
+    with pytest.raises(TypeError, match=r"fparams\.implicit\.adapt: `solve` is the solver factory"):
+        implicit.adapt(lambda p: p["w"].pow(2).sum(), params, lam=1.0, lr=0.1, steps=1, solve=made)
