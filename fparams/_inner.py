@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 import torch
 from torch import Tensor
 
+from . import _torch_compat as compat
 from ._checkpoint import check_checkpoint, checkpointed_step
 from ._checks import (
     check_dict,
@@ -19,6 +20,7 @@ from ._checks import (
     check_rate_keys,
     check_rate_shapes,
     reports_errors_here,
+    warn_in_user_code,
 )
 from ._grads import grad_route, inner_grad, inner_grad_with_aux
 from ._norms import innermost_exact_norms
@@ -192,6 +194,16 @@ def adapt(
     checkpoint = checkpoint and any(t.requires_grad for t in params.values())
     if checkpoint:
         check_checkpoint(route)
+        if route == "vmap" and not compat.SAVED_HOOKS_UNDER_VMAP:
+            warn_in_user_code(
+                f"fparams.adapt: this torch ({torch.__version__}) refuses autograd's saved-tensor "
+                f"hooks under vmap, so checkpoint=True cannot recompute the inner steps of a vmap "
+                f"over tasks; they run unrecomputed (the same meta-gradient, without the memory "
+                f"saving). Checkpointing works with map_tasks(..., strategy='loop'), or under "
+                f"vmap on a newer torch.",
+                UserWarning,
+            )
+            checkpoint = False
     norms = innermost_exact_norms()
     if norms is not None:
         # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.

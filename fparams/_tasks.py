@@ -297,8 +297,10 @@ def _unbatchable_op(err: BaseException) -> Optional[str]:
     if "Batching rule not implemented" in text or "fallback path doesn't work" in text:
         found = re.search(r"aten::\w+(\.\w+)?", text)
         return found.group(0) if found else "an op without a batching rule"
-    if "calling .item() on a Tensor" in text:
+    if "calling .item() on a Tensor" in text or "data-dependent control flow" in text:
         return ".item() or data-dependent control flow"
+    if "accessing `data` under vmap" in text:  # older torch's recurrent layers
+        return "an op that reads .data (a recurrent layer's fused kernel)"
     if "batching operators that can output dynamic shape" in text:
         return "an op whose output shape depends on the data"
     if "doesn't match the broadcast shape" in text:  # e.g. a fused RNN kernel's decomposition under grad

@@ -29,11 +29,21 @@ What, who uses it, and the fallback where it is missing:
   mistakes): torch's own message surfaces, unexplained.
 * dynamo's exception types (``_compile``: a compile failure, or the user's own
   error?): the module that defines the exception's class decides.
+* ``torch._dynamo``, imported up front on torch < 2.4 (``implicit``): there an
+  ``autograd.Function`` imports it on its first call, and that import fails
+  when the call runs under a functorch transform (torch 2.3 then leaves it
+  half-imported for the whole process). On newer torch nothing is imported.
+* whether autograd's saved-tensor hooks may run under ``vmap``
+  (``_torch_compat._saved_tensors_hooks_is_enabled``, read once inside a tiny
+  vmap; ``_checkpoint`` checkpoints the vmap route only where they may, which
+  torch 2.3 refuses): ``SAVED_HOOKS_UNDER_VMAP = False``, and ``adapt`` runs
+  such steps unrecomputed, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import sys
 import weakref
@@ -243,3 +253,40 @@ def is_compile_error(err: BaseException) -> bool:
     if isinstance(base, type) and isinstance(err, base):
         return True
     return any(cls.__module__.startswith(_COMPILER_MODULES) for cls in type(err).__mro__)
+
+
+# -- saved-tensor hooks under vmap ---------------------------------------------------------------------
+
+
+def _saved_hooks_under_vmap() -> bool:
+    # Older torch (2.3) switches autograd's saved-tensor hooks off inside every
+    # functorch transform, vmap included; newer ones only inside grad transforms.
+    enabled = getattr(torch._C._autograd, "_saved_tensors_hooks_is_enabled", None)
+    if enabled is None:  # pragma: no cover - depends on the torch version
+        return False
+    seen = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(bool(enabled()))
+        return x
+
+    try:
+        torch.func.vmap(probe)(torch.zeros(1))
+    except Exception:  # pragma: no cover - depends on the torch version
+        return False
+    return bool(seen and seen[0])
+
+
+#: May autograd's saved-tensor hooks run under ``vmap`` (what ``adapt(checkpoint=True)``
+#: needs on the vmap route)?
+SAVED_HOOKS_UNDER_VMAP = _saved_hooks_under_vmap()
+
+
+# -- torch 2.3: dynamo imported lazily by autograd.Function, broken under a transform ------------
+
+
+def import_dynamo_if_lazy_import_breaks() -> None:
+    """On torch < 2.4, import ``torch._dynamo`` now, outside any transform (see the module docstring)."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 4):  # pragma: no cover - depends on the torch version
+        importlib.import_module("torch._dynamo")

@@ -53,9 +53,11 @@ from torch import Tensor
 from ._inner import adapt as _unrolled_adapt
 from ._inner import is_optimizer
 from ._norms import innermost_exact_norms
-from ._torch_compat import FUNCTORCH, is_compiling, pytree
+from ._torch_compat import FUNCTORCH, import_dynamo_if_lazy_import_breaks, is_compiling, pytree
 from ._transforms import partition
 from ._types import LR, Filter, Params, TensorDict
+
+import_dynamo_if_lazy_import_breaks()  # before custom_root's autograd.Function runs under vmap
 
 __all__ = [
     "LinearSolver",

@@ -267,3 +267,14 @@ def test_under_torch_compile_the_step_is_traced_as_it_is() -> None:
     assert_dicts_close(got, want, rtol=1e-8, atol=1e-10)
     # and nothing is left switched off: checkpointing works eagerly afterwards
     assert_dicts_close(_meta_grads("vmap", True, params, mse, lr=0.3), want, **TOL)
+
+
+def test_where_torch_refuses_hooks_under_vmap_the_steps_run_unrecomputed_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # torch 2.3 switches saved-tensor hooks off under every functorch transform
+    monkeypatch.setattr(fparams._torch_compat, "SAVED_HOOKS_UNDER_VMAP", False)
+    mse, params = _mlp(11)
+    with pytest.warns(UserWarning, match=r"refuses autograd.s saved-tensor hooks under vmap"):
+        got = _meta_grads("vmap", True, params, mse, lr=0.3)
+    assert_dicts_close(got, _meta_grads("vmap", False, params, mse, lr=0.3), **TOL)

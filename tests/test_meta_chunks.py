@@ -107,6 +107,10 @@ def test_the_loop_holds_one_task_graph_at_a_time() -> None:
     assert _graphs_alive_while_running(backward, task, params, data) == list(range(T))
 
 
+@pytest.mark.skipif(
+    not fparams._torch_compat.SAVED_HOOKS_UNDER_VMAP,
+    reason="this torch refuses the counting saved-tensor hooks under vmap",
+)
 def test_chunks_hold_one_chunk_graph_at_a_time() -> None:
     task, params = _task_fn()
     data = task_data(T, shots=5, seed=5)
