@@ -10,27 +10,19 @@ momentum or beta); numbers are checked here, tensors are used as they are.
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Tuple
 
-import torch
 from torch import Tensor
 
-from .._checks import check_betas, check_flag, check_hyper, check_lr, check_state
-from .._transforms import map_params, zeros_like
-from .._types import LR, TensorDict, Updates
+from .._checks import check_betas, check_flag, check_hyper, check_lr
+from .._types import LR
 from ._base import (
     EmptyState,
     GradientTransformation,
     Hyper,
-    bias_correction,
-    check_grads,
     described,
-    ema,
-    ema_square,
     format_call,
-    init_step,
     is_nonzero,
-    safe_sqrt,
     state_repr,
 )
 from ._transforms import (
@@ -329,35 +321,11 @@ def higher_adam(
     """
     where = "fparams.optim.higher_adam"
     check_lr(where, lr)
-    beta1, beta2 = check_betas(where, betas)
+    check_betas(where, betas)  # checked here too, so that errors name higher_adam
     check_hyper(where, "eps", eps)
     check_hyper(where, "weight_decay", weight_decay)
     check_flag(where, "amsgrad", amsgrad)
-
-    def init(params: TensorDict) -> ScaleByAdamState:
-        nu_max = zeros_like(params) if amsgrad else {}
-        return ScaleByAdamState(init_step(params), zeros_like(params), zeros_like(params), nu_max)
-
-    def update(
-        grads: TensorDict, state: ScaleByAdamState, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, ScaleByAdamState]:
-        check_state(where, state, ScaleByAdamState)
-        check_grads(where, grads, state.mu)
-        step = state.step + 1
-        mu = map_params(lambda g, m: ema(m, g, beta1), grads, state.mu)
-        nu = map_params(lambda g, v: ema_square(v, g, beta2), grads, state.nu)
-        nu_max = map_params(torch.maximum, state.nu_max, nu) if amsgrad else {}
-        scale = bias_correction(beta2, step).sqrt() / bias_correction(beta1, step)
-
-        def direction(m: Tensor, v: Tensor) -> Tensor:
-            return scale * m / (safe_sqrt(v) + eps)
-
-        updates = map_params(direction, mu, nu_max if amsgrad else nu)
-        return updates, ScaleByAdamState(step, mu, nu, nu_max)
-
-    extra = {"amsgrad": True} if amsgrad else {}
-    text = format_call("scale_by_higher_adam", betas=tuple(betas), eps=eps, **extra)
-    direction = described(init, update, text)
+    direction = scale_by_adam(betas, eps, amsgrad, eps_before_correction=True)
     opt = named_chain_for(
         where,
         AdamState,

@@ -303,14 +303,21 @@ def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> Gr
 
 
 def scale_by_adam(
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999), eps: Hyper = 1e-8, amsgrad: bool = False
+    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
+    eps: Hyper = 1e-8,
+    amsgrad: bool = False,
+    *,
+    eps_before_correction: bool = False,
 ) -> GradientTransformation:
     """Adam's direction ``m_hat / (sqrt(v_hat) + eps)``, bias-corrected as in ``torch.optim.Adam``.
 
     ``m`` and ``v`` are running averages of ``g`` and ``g * g`` with decays
     ``betas``. With ``amsgrad=True`` the running maximum of ``v`` is used. The
     square root's gradient is 0 where ``v`` is 0, so parameters that never got
-    a gradient do not turn meta-gradients into NaN.
+    a gradient do not turn meta-gradients into NaN. With
+    ``eps_before_correction=True`` it is ``m_hat / ((sqrt(v) + eps) / sqrt(1 - beta2**t))``,
+    the formula of torch before 1.6 and of higher 0.2.1 (see
+    :func:`fparams.optim.higher_adam`).
 
     Examples:
         >>> import torch, fparams.optim as optim
@@ -341,12 +348,15 @@ def scale_by_adam(
         c2_sqrt = bias_correction(beta2, step).sqrt()
 
         def direction(m: Tensor, v: Tensor) -> Tensor:
+            if eps_before_correction:
+                return (c2_sqrt / c1) * m / (safe_sqrt(v) + eps)
             return (m / c1) / (safe_sqrt(v) / c2_sqrt + eps)
 
         updates = map_params(direction, mu, nu_max if amsgrad else nu)
         return updates, ScaleByAdamState(step, mu, nu, nu_max)
 
-    extra = {"amsgrad": True} if amsgrad else {}
+    extra: dict = {"amsgrad": True} if amsgrad else {}
+    extra.update({"eps_before_correction": True} if eps_before_correction else {})
     return described(init, update, format_call("scale_by_adam", betas=tuple(betas), eps=eps, **extra))
 
 
