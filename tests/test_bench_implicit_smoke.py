@@ -5,27 +5,13 @@ The torchopt rows need torchopt (the ``bench`` extra); without it the test is sk
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_implicit.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_implicit", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_quick_run_has_every_row(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load()
+    bench = load_benchmark("bench_implicit")
     result = bench.main(["--quick", "--threads", "1"])
     out = capsys.readouterr().out
     paths = [bench.FP_VMAP, bench.FP_LOOP] + ([bench.TORCHOPT] if bench.have_torchopt() else [])
@@ -41,6 +27,6 @@ def test_quick_run_has_every_row(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_torchopt_rows_agree_with_fparams() -> None:
     pytest.importorskip("torchopt")
-    bench = _load()
+    bench = load_benchmark("bench_implicit")
     result = bench.main(["--quick", "--threads", "1", "--part", "torchopt"])
     assert {r.path for r in result["rows"]} == {bench.FP_VMAP, bench.FP_LOOP, bench.TORCHOPT}

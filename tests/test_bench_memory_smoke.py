@@ -8,29 +8,17 @@ before it times them.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def memory() -> ModuleType:
-    return _load("bench_memory")
+    return load_benchmark("bench_memory")
 
 
 def test_every_path_computes_the_same_meta_gradient(memory: ModuleType) -> None:
@@ -58,7 +46,7 @@ def test_time_mode_prints_a_ratio_per_path(memory: ModuleType, capsys: pytest.Ca
 
 
 def test_toy_benchmark_quick_run(capsys: pytest.CaptureFixture[str]) -> None:
-    toy = _load("bench_toy")
+    toy = load_benchmark("bench_toy")
     ms = toy.main(["--quick"])
     assert set(ms) == {"MAML class", "map_tasks loop", "meta_value_and_grad loop", "map_tasks vmap"}
     assert "vs MAML class" in capsys.readouterr().out

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_tasks.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_tasks", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load()
+    bench = load_benchmark("bench_tasks")
     result = bench.main(["--quick", "--threads", "1"])
     out = capsys.readouterr().out
     paths = (bench.LOOP, bench.VMAP, bench.MT_LOOP, bench.MVG, bench.FLOOR)
@@ -38,7 +24,7 @@ def test_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_one_workload_only(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load()
+    bench = load_benchmark("bench_tasks")
     result = bench.main(["--quick", "--threads", "1", "--workload", "W1"])
     assert {r.workload for r in result["rows"]} == {"W1"} and not result["per_task"]
     assert "W2" not in capsys.readouterr().out

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 
 import fparams
-
-SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_module_api.py"
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_module_api", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_module_api")
 
 
 @pytest.fixture
