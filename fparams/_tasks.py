@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import weakref
@@ -445,7 +446,12 @@ def _run_task_list(
     batch_stats: bool,
 ) -> Any:
     """``f(params, tasks=[(xs0, ys0), ...])``: one tuple of arguments per task, run by the loop."""
-    where = "fparams.map_tasks"
+    _check_task_list("fparams.map_tasks", task_batches, tasks, strategy)
+    return _stack(_each_task(exact_norms(batch_stats), lambda i: fn(params, *tasks[i]), len(tasks)))
+
+
+def _check_task_list(where: str, task_batches: Sequence[Any], tasks: Any, strategy: str) -> None:
+    """``tasks=``: a non-empty list of per-task argument tuples, for the loop, given alone."""
     if task_batches:
         raise TypeError(
             f"{where}: pass the tasks either as batches, f(params, *task_batches), or as a list of "
@@ -470,7 +476,6 @@ def _run_task_list(
             f"different sizes cannot be stacked; got strategy={strategy!r}. Use strategy='auto' or "
             f"'loop', or pad the tasks with fparams.pad_tasks for vmap."
         )
-    return _stack(_each_task(exact_norms(batch_stats), lambda i: fn(params, *tasks[i]), len(tasks)))
 
 
 def pad_tasks(tensors: Sequence[Tensor], value: float = 0.0) -> Tuple[Tensor, Tensor]:
@@ -582,6 +587,10 @@ def meta_value_and_grad(
     is compiled once and called for every task (the gradient of the mean loss
     is the mean of the per-task gradients), rather than one graph per task.
 
+    Tasks of different sizes go in as one tuple of arguments per task,
+    ``step(params, tasks=[(xs0, ys0, xq0, yq0), ...])``, run by the loop as
+    :func:`map_tasks` runs them.
+
     Memory: in eager code each chunk's gradient is taken, and its graph
     freed, before the next chunk runs: one task at a time with the loop
     strategy (what ``"auto"`` picks for large tasks), ``chunk_size`` tasks
@@ -613,17 +622,26 @@ def meta_value_and_grad(
         task_fn, strategy=strategy, chunk_size=chunk_size, randomness=randomness, batch_stats=batch_stats
     )
 
-    def objective(params: Any, *task_batches: Any) -> Any:
-        losses, aux = _losses_and_aux(mapped(params, *task_batches), has_aux)
+    def objective(params: Any, *task_batches: Any, tasks: Optional[Sequence[Any]] = None) -> Any:
+        losses, aux = _losses_and_aux(mapped(params, *task_batches, tasks=tasks), has_aux)
         return (losses.mean(), aux) if has_aux else losses.mean()
 
     @reports_errors_here
-    def step(params: Any, *task_batches: Any) -> Any:
+    def step(params: Any, *task_batches: Any, tasks: Optional[Sequence[Any]] = None) -> Any:
+        if tasks is not None:
+            _check_task_list("fparams.meta_value_and_grad", task_batches, tasks, strategy)
         if grad_route() == "autograd":  # eager, no transform (torch.compile traces the other branch)
             flat, spec = pytree.tree_flatten(params)
             if all(isinstance(t, Tensor) for t in flat):
-                return _by_chunks(task_fn, has_aux, flat, spec, task_batches, options)
-        grads, value = torch.func.grad_and_value(objective, has_aux=has_aux)(params, *task_batches)
+                if tasks is None:
+                    return _by_chunks(task_fn, has_aux, flat, spec, task_batches, options)
+                listed = tasks  # one tuple of arguments per task, one task's graph at a time
+                return _chunk_grads(
+                    task_fn, has_aux, flat, spec, (), options, len(listed), "loop", lambda i: listed[i]
+                )
+        grads, value = torch.func.grad_and_value(
+            functools.partial(objective, tasks=tasks), has_aux=has_aux
+        )(params, *task_batches)
         return value, grads
 
     options = _Options(strategy, chunk_size, randomness, batch_stats)
@@ -671,11 +689,15 @@ def _compiled_step(
     per_task = compile_fallback(one_task)
 
     @reports_errors_here
-    def run(params: Any, *task_batches: Any) -> Any:
-        n = _num_tasks("fparams.meta_value_and_grad", task_batches)
-        if _resolve(strategy, chunk_size, randomness, task_batches, n) != "loop":
-            return whole(params, *task_batches)
-        values, grads = zip(*(per_task(params, *_task(task_batches, i)) for i in range(n)))
+    def run(params: Any, *task_batches: Any, tasks: Optional[Sequence[Any]] = None) -> Any:
+        if tasks is not None:  # one tuple of arguments per task: the loop, a graph per shape
+            _check_task_list("fparams.meta_value_and_grad", task_batches, tasks, strategy)
+            values, grads = zip(*(per_task(params, *args) for args in tasks))
+        else:
+            n = _num_tasks("fparams.meta_value_and_grad", task_batches)
+            if _resolve(strategy, chunk_size, randomness, task_batches, n) != "loop":
+                return whole(params, *task_batches)
+            values, grads = zip(*(per_task(params, *_task(task_batches, i)) for i in range(n)))
         mean_grads = pytree.tree_map(lambda *g: torch.stack(g).mean(0), *grads)
         if has_aux:
             losses, aux = zip(*values)
@@ -743,7 +765,13 @@ def _chunk_grads(
     options: _Options,
     n: int,
     chosen: str,
+    task_args: Optional[Callable[[int], Sequence[Any]]] = None,
 ) -> Any:
+    """The mean task loss and its gradient, a chunk at a time (see :func:`_by_chunks`).
+
+    ``task_args(i)`` gives task ``i``'s arguments where they are not stacked
+    in ``task_batches`` (``tasks=``, run by the loop).
+    """
     keep = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
     check = torch.is_grad_enabled() and not keep  # for captured tensors that require grad
     total: List[Optional[Tensor]] = [None] * len(flat)
@@ -753,7 +781,7 @@ def _chunk_grads(
 
     def chunk(a: int, b: int) -> None:
         nonlocal keep, check, total
-        out = _run_chunk(task_fn, chosen, params, task_batches, a, b, norms, options.randomness)
+        out = _run_chunk(task_fn, chosen, params, task_batches, a, b, norms, options.randomness, task_args)
         losses, aux = _losses_and_aux(out, has_aux)
         loss = losses.sum() / n
         if check and loss.requires_grad:
@@ -789,10 +817,12 @@ def _run_chunk(
     b: int,
     norms: exact_norms,
     randomness: str,
+    task_args: Optional[Callable[[int], Sequence[Any]]] = None,
 ) -> Any:
     """The outputs of tasks ``a:b``, stacked, as :func:`map_tasks` computes them."""
     if chosen == "loop":  # one task, under ``norms`` while :func:`_each_task` keeps it
-        return pytree.tree_map(lambda t: t.unsqueeze(0), task_fn(params, *_task(batches, a)))
+        args = _task(batches, a) if task_args is None else task_args(a)
+        return pytree.tree_map(lambda t: t.unsqueeze(0), task_fn(params, *args))
     chunk = [pytree.tree_map(lambda t: t[a:b] if isinstance(t, Tensor) else t, x) for x in batches]
     # the mode is entered inside the mapped function, as map_tasks does
     dims = (None,) + (0,) * len(chunk)

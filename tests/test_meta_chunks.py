@@ -132,3 +132,49 @@ def test_params_that_require_grad_keep_every_graph_for_higher_order() -> None:
     data = task_data(T, shots=5, seed=6)
     (value, _), grads = fparams.meta_value_and_grad(task, has_aux=True, strategy="loop")(leaves, *data)
     assert value.requires_grad and all(g.requires_grad for g in grads.values())
+
+
+def _ragged(seed: int) -> List[Tuple[Tensor, ...]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        tuple(torch.randn(n, k, generator=g, dtype=torch.float64) for k in (3, 1, 3, 1))
+        for n in (2, 5, 3, 7)
+    ]
+
+
+def test_tasks_of_different_sizes_one_at_a_time() -> None:
+    task, params = _task_fn()
+    tasks = _ragged(7)
+    step = fparams.meta_value_and_grad(task, has_aux=True)
+    (value, aux), grads = step(params, tasks=tasks)
+    # the reference: each task by hand, the mean loss, one torch.func.grad over all of them
+    def mean_loss(p: Dict[str, Tensor]) -> Tensor:
+        return torch.stack([task(p, *t)[0] for t in tasks]).mean()
+
+    want, want_value = torch.func.grad_and_value(mean_loss)(params)
+    torch.testing.assert_close(value, want_value, **TOL)
+    assert_dicts_close(grads, want, **TOL)
+    assert aux["twice"].shape == (len(tasks),)
+    # and the same under an outer transform, where torch.func takes the whole mean
+    outer = torch.func.grad(lambda p: step(p, tasks=tasks)[0][0])(params)
+    assert_dicts_close(outer, want, **TOL)
+
+
+def test_tasks_of_different_sizes_hold_one_graph_at_a_time() -> None:
+    task, params = _task_fn()
+    tasks = _ragged(8)
+
+    def run(fn: Any, p: Dict[str, Tensor], d: List[Tensor]) -> None:
+        fparams.meta_value_and_grad(lambda *a: fn(*a)[0])(p, tasks=tasks)
+
+    assert _graphs_alive_while_running(run, task, params, []) == [0] * len(tasks)
+
+
+def test_tasks_list_errors_name_meta_value_and_grad() -> None:
+    task, params = _task_fn()
+    tasks = _ragged(9)
+    message = r"^fparams\.meta_value_and_grad: a list of per-task tuples .*strategy='vmap'"
+    with pytest.raises(ValueError, match=message):
+        fparams.meta_value_and_grad(task, strategy="vmap")(params, tasks=tasks)
+    with pytest.raises(TypeError, match=r"^fparams\.meta_value_and_grad: pass the tasks either as batches"):
+        fparams.meta_value_and_grad(task)(params, tasks[0][0].unsqueeze(0), tasks=tasks)
