@@ -206,6 +206,14 @@ def check_int(where: str, name: str, value: object, low: int, *, none_ok: bool =
         raise ValueError(f"{where}: `{name}` must be an int >= {low}; got {value!r}.")
 
 
+def check_positive(where: str, name: str, value: object) -> None:
+    """``TypeError`` unless ``value`` is a number; ``ValueError`` unless it is finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: `{name}` must be a number; got {describe(value)}.")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{where}: `{name}` must be a finite number > 0; got {value!r}.")
+
+
 def check_choice(where: str, name: str, value: object, choices: Tuple[str, ...]) -> None:
     """``TypeError`` unless ``value`` is a string; ``ValueError`` unless it is one of ``choices``."""
     if not isinstance(value, str):

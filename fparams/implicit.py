@@ -44,12 +44,12 @@ Examples:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from ._checks import check_flag, check_int, check_lr, check_positive
 from ._inner import adapt as _unrolled_adapt
 from ._inner import is_optimizer
 from ._norms import innermost_exact_norms
@@ -131,31 +131,24 @@ def _as_dict(where: str, name: str, tree: Any) -> Tuple[Params, bool]:
     raise TypeError(f"{where}: `{name}` must be a tensor or a dict of tensors; got {type(tree).__name__}.")
 
 
-def _check_int(where: str, name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: `{name}` must be an int >= {low}; got {type(value).__name__}.")
-    if value < low:
-        raise ValueError(f"{where}: `{name}` must be an int >= {low}; got {value}.")
-    return int(value)
-
-
-def _check_bool(where: str, name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{where}: `{name}` must be a bool; got {type(value).__name__}.")
-    return value
-
-
-def _check_positive(where: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: `{name}` must be a positive number; got {type(value).__name__}.")
-    if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{where}: `{name}` must be a positive finite number; got {value!r}.")
-    return float(value)
-
-
 # --------------------------------------------------------------------------
 # Linear solvers
 # --------------------------------------------------------------------------
+
+
+def _int(where: str, name: str, value: Any) -> int:
+    check_int(where, name, value, 1)
+    return int(value)
+
+
+def _positive(where: str, name: str, value: Any) -> float:
+    check_positive(where, name, value)
+    return float(value)
+
+
+def _flag(where: str, name: str, value: Any) -> bool:
+    check_flag(where, name, value)
+    return bool(value)
 
 
 class LinearSolver:
@@ -333,9 +326,9 @@ def cg(maxiter: int = 100, tol: float = 1e-6, *, strict: bool = True) -> LinearS
     return LinearSolver(
         "cg",
         _cg,
-        maxiter=_check_int(where, "maxiter", maxiter, 1),
-        tol=_check_positive(where, "tol", tol),
-        strict=_check_bool(where, "strict", strict),
+        maxiter=_int(where, "maxiter", maxiter),
+        tol=_positive(where, "tol", tol),
+        strict=_flag(where, "strict", strict),
     )
 
 
@@ -368,9 +361,9 @@ def normal_cg(maxiter: int = 100, tol: float = 1e-6, *, strict: bool = True) -> 
     return LinearSolver(
         "normal_cg",
         _normal_cg,
-        maxiter=_check_int(where, "maxiter", maxiter, 1),
-        tol=_check_positive(where, "tol", tol),
-        strict=_check_bool(where, "strict", strict),
+        maxiter=_int(where, "maxiter", maxiter),
+        tol=_positive(where, "tol", tol),
+        strict=_flag(where, "strict", strict),
     )
 
 
@@ -401,8 +394,8 @@ def neumann(steps: int = 20, alpha: float = 1.0) -> LinearSolver:
     return LinearSolver(
         "neumann",
         _neumann,
-        steps=_check_int(where, "steps", steps, 1),
-        alpha=_check_positive(where, "alpha", alpha),
+        steps=_int(where, "steps", steps),
+        alpha=_positive(where, "alpha", alpha),
     )
 
 
@@ -659,8 +652,7 @@ def custom_root(
             f"{type(optimality_fn).__name__}."
         )
     _check_solve(_WHERE, solve)
-    if not isinstance(has_aux, bool):
-        raise TypeError(f"{_WHERE}: `has_aux` must be a bool; got {type(has_aux).__name__}.")
+    check_flag(_WHERE, "has_aux", has_aux)
     return _root_decorator(optimality_fn, cg() if solve is None else solve, has_aux, symmetric=False)
 
 
@@ -791,18 +783,14 @@ def adapt(
         )
     if not isinstance(params, Mapping) or not all(isinstance(t, Tensor) for t in params.values()):
         raise TypeError(f"{where}: `params` must be a dict of tensors; got {type(params).__name__}.")
-    steps = _check_int(where, "steps", steps, 1)
+    check_int(where, "steps", steps, 1)
     if isinstance(lam, Tensor):
         if not lam.is_floating_point():
             raise TypeError(f"{where}: `lam` must be a floating tensor or a number; got dtype {lam.dtype}.")
     else:
-        _check_positive(where, "lam", lam)
+        check_positive(where, "lam", lam)
     if not is_optimizer(lr):
-        if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, Tensor, Mapping)):
-            raise TypeError(
-                f"{where}: `lr` must be a number, a tensor, a dict of tensors or an fparams.optim "
-                f"optimizer; got {type(lr).__name__}."
-            )
+        check_lr(where, lr, optimizer_ok=True)
         if isinstance(lr, Tensor):
             lr = lr.detach()  # the solution does not depend on it: no gradient
         elif isinstance(lr, Mapping):
