@@ -13,6 +13,7 @@ from ._call import Architecture, split
 from ._compile import CompileFallbackWarning
 from ._compile import compile_fallback as compile
 from ._dice import magic_box
+from ._errors import FparamsError, FparamsRuntimeError, FparamsTypeError, FparamsValueError
 from ._inner import adapt
 from ._maml import MAML, MetaSGD
 from ._module_api import (
@@ -47,6 +48,10 @@ __all__ = [
     "MAML",
     "Architecture",
     "CompileFallbackWarning",
+    "FparamsError",
+    "FparamsRuntimeError",
+    "FparamsTypeError",
+    "FparamsValueError",
     "MetaSGD",
     "Buffers",
     "Filter",

@@ -1,9 +1,11 @@
 """Every input check of fparams, and its wording, in one place.
 
-One rule throughout: a ``TypeError`` for a value of the wrong type, a
-``ValueError`` for a value of the right type that is out of range or does not
-fit; every message starts with ``fparams.<name>:``, names the argument in
-backticks, shows what was given and says what would work. Missing and extra
+One rule throughout: :class:`~fparams.FparamsTypeError` (a ``TypeError``) for a
+value of the wrong type, :class:`~fparams.FparamsValueError` (a ``ValueError``)
+for a value of the right type that is out of range or does not fit. A message
+names the argument in backticks, shows what was given and says what would work;
+the public function's name (``fparams.<name>:``) is put in front of it once, by
+:func:`fparams._errors.public` at the boundary, never threaded through here. Missing and extra
 dict keys are always worded like ``torch.func``'s strict checks, sorted:
 ``Missing key(s): 'a', 'b'. Unexpected key(s): 'c'.``
 
@@ -19,13 +21,13 @@ import functools
 import math
 import numbers
 import os
-import types
 import warnings
 from typing import Any, Callable, Collection, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import Tensor
 
+from ._errors import _INTERNAL, FparamsError, FparamsTypeError, FparamsValueError, user_frames
 from ._torch_compat import caller_frame
 
 #: A hyperparameter: a number, or a tensor (which may require grad).
@@ -57,17 +59,16 @@ def keys_text(missing: Collection[str], unexpected: Collection[str]) -> str:
     return " ".join(parts)
 
 
-def check_dict(where: str, arg: str, value: object) -> None:
+def check_dict(arg: str, value: object) -> None:
     """``TypeError`` unless ``value`` is a mapping (of names to tensors)."""
     if not isinstance(value, Mapping):
-        raise TypeError(
-            f"{where}: `{arg}` must be a dict of tensors keyed by name; got "
+        raise FparamsTypeError(
+            f"`{arg}` must be a dict of tensors keyed by name; got "
             f"{type(value).__name__}. Use fparams.split(module) to get one."
         )
 
 
 def check_keys(
-    where: str,
     arg: str,
     given: Collection[str],
     expected: Collection[str],
@@ -80,45 +81,43 @@ def check_keys(
     missing = [] if missing_ok else [k for k in expected if k not in given]
     unexpected = [] if unexpected_ok else [k for k in given if k not in expected]
     if missing or unexpected:
-        raise ValueError(
-            f"{where}: `{arg}` does not have the expected keys. {keys_text(missing, unexpected)}"
+        raise FparamsValueError(
+            f"`{arg}` does not have the expected keys. {keys_text(missing, unexpected)}"
             + (f" {fix}" if fix else "")
         )
 
 
-def check_shapes(where: str, arg: str, given: Mapping[str, object], params: Mapping[str, Tensor]) -> None:
+def check_shapes(arg: str, given: Mapping[str, object], params: Mapping[str, Tensor]) -> None:
     """Every value of ``given`` is a tensor of exactly its parameter's shape (no silent broadcasting)."""
     for k, t in given.items():
         if not isinstance(t, Tensor):
-            raise TypeError(
-                f"{where}: `{arg}[{k!r}]` is a {type(t).__name__}; give a tensor (or leave the key out)."
+            raise FparamsTypeError(
+                f"`{arg}[{k!r}]` is a {type(t).__name__}; give a tensor (or leave the key out)."
             )
         if t.shape != params[k].shape:
-            raise ValueError(
-                f"{where}: `{arg}[{k!r}]` has shape {tuple(t.shape)} but the parameter has shape "
+            raise FparamsValueError(
+                f"`{arg}[{k!r}]` has shape {tuple(t.shape)} but the parameter has shape "
                 f"{tuple(params[k].shape)}."
             )
 
 
-def check_hyper(
-    where: str, name: str, value: object, high: float = math.inf, high_closed: bool = False
+def check_hyper(name: str, value: object, high: float = math.inf, high_closed: bool = False
 ) -> None:
     """``TypeError`` unless ``value`` is a number or a tensor; ``ValueError`` unless a number is
     finite and in ``[0, high)`` (``[0, high]`` with ``high_closed``)."""
     if isinstance(value, Tensor):
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: `{name}` must be a number or a tensor; got {describe(value)}.")
+        raise FparamsTypeError(f"`{name}` must be a number or a tensor; got {describe(value)}.")
     number = float(value)  # a Python number, never a tensor
     below = number <= high if high_closed else number < high
     if 0 <= number and below and math.isfinite(number):
         return
     valid = "a finite number >= 0" if math.isinf(high) else f"in [0, {high:g}{']' if high_closed else ')'}"
-    raise ValueError(f"{where}: `{name}` must be {valid}; got {value!r}.")
+    raise FparamsValueError(f"`{name}` must be {valid}; got {value!r}.")
 
 
-def check_lr(
-    where: str, lr: object, *, optimizer_ok: bool = False, per_step_ok: bool = False
+def check_lr(lr: object, *, optimizer_ok: bool = False, per_step_ok: bool = False
 ) -> Optional[Mapping[str, Hyper]]:
     """The one learning-rate rule: a finite number >= 0, a tensor, or a dict of those per name.
 
@@ -130,37 +129,36 @@ def check_lr(
     """
     if isinstance(lr, Mapping):
         for k, v in lr.items():
-            check_hyper(where, f"lr[{k!r}]", v)
+            check_hyper(f"lr[{k!r}]", v)
         return lr
     if isinstance(lr, Tensor) or (isinstance(lr, numbers.Real) and not isinstance(lr, bool)):
-        check_hyper(where, "lr", lr)
+        check_hyper("lr", lr)
         return None
     kinds = ["a number", "a tensor", "a dict of per-parameter rates"]
     kinds += ["a list of per-step rates"] * per_step_ok + ["an fparams.optim optimizer"] * optimizer_ok
     listed = ", ".join(kinds[:-1]) + " or " + kinds[-1]
-    raise TypeError(f"{where}: `lr` must be {listed}; got {describe(lr)}.")
+    raise FparamsTypeError(f"`lr` must be {listed}; got {describe(lr)}.")
 
 
-def check_rate_keys(
-    where: str, lr: Mapping[str, object], names: Collection[str], all_names: Collection[str]
+def check_rate_keys(lr: Mapping[str, object], names: Collection[str], all_names: Collection[str]
 ) -> None:
     """A dict of rates has a rate for each of ``names``, and no key outside ``all_names``."""
     missing = [k for k in names if k not in lr]
     unknown = [k for k in lr if k not in all_names]
     if missing or unknown:
-        raise ValueError(
-            f"{where}: `lr` is a dict of per-parameter rates but does not fit the params. "
+        raise FparamsValueError(
+            f"`lr` is a dict of per-parameter rates but does not fit the params. "
             f"{keys_text(missing, unknown)} Give one rate per parameter that gets a gradient."
         )
 
 
-def check_rate_shapes(where: str, lr: object, params: Mapping[str, Tensor]) -> None:
+def check_rate_shapes(lr: object, params: Mapping[str, Tensor]) -> None:
     """A tensor learning rate must broadcast to each parameter's shape without changing it."""
     for k, p in params.items():
         rate = lr[k] if isinstance(lr, Mapping) else lr
         if isinstance(rate, Tensor) and not _keeps_shape(rate.shape, p.shape):
-            raise ValueError(
-                f"{where}: the learning rate for {k!r} has shape {tuple(rate.shape)}, which would "
+            raise FparamsValueError(
+                f"the learning rate for {k!r} has shape {tuple(rate.shape)}, which would "
                 f"change the parameter's shape {tuple(p.shape)}; give a scalar or a tensor of the "
                 f"parameter's shape."
             )
@@ -173,112 +171,115 @@ def _keeps_shape(rate: torch.Size, shape: torch.Size) -> bool:
         return False
 
 
-def check_flag(where: str, name: str, value: object) -> None:
+def check_flag(name: str, value: object) -> None:
     """``TypeError`` unless ``value`` is a ``bool`` (flags pick code paths, so no tensors)."""
     if not isinstance(value, bool):
-        raise TypeError(f"{where}: `{name}` must be True or False; got {describe(value)}.")
+        raise FparamsTypeError(f"`{name}` must be True or False; got {describe(value)}.")
 
 
-def check_betas(where: str, betas: object) -> Tuple[Hyper, Hyper]:
+def check_betas(betas: object) -> Tuple[Hyper, Hyper]:
     """A pair of hyperparameters, each in ``[0, 1)``."""
     if not isinstance(betas, (tuple, list)):
-        raise TypeError(
-            f"{where}: `betas` must be a pair (beta1, beta2) of numbers or tensors; got {describe(betas)}."
+        raise FparamsTypeError(
+            f"`betas` must be a pair (beta1, beta2) of numbers or tensors; got {describe(betas)}."
         )
     if len(betas) != 2:
-        raise ValueError(
-            f"{where}: `betas` must be a pair (beta1, beta2) of numbers or tensors; got {len(betas)} values."
+        raise FparamsValueError(
+            f"`betas` must be a pair (beta1, beta2) of numbers or tensors; got {len(betas)} values."
         )
     for i, beta in enumerate(betas):
-        check_hyper(where, f"betas[{i}]", beta, high=1.0)
+        check_hyper(f"betas[{i}]", beta, high=1.0)
     return betas[0], betas[1]
 
 
-def check_int(where: str, name: str, value: object, low: int, *, none_ok: bool = False) -> None:
+def check_int(name: str, value: object, low: int, *, none_ok: bool = False) -> None:
     """``TypeError`` unless ``value`` is an int (or ``None``, with ``none_ok``);
     ``ValueError`` below ``low``."""
     if value is None and none_ok:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         also = " or None" if none_ok else ""
-        raise TypeError(f"{where}: `{name}` must be an int{also}; got {describe(value)}.")
+        raise FparamsTypeError(f"`{name}` must be an int{also}; got {describe(value)}.")
     if value < low:
-        raise ValueError(f"{where}: `{name}` must be an int >= {low}; got {value!r}.")
+        raise FparamsValueError(f"`{name}` must be an int >= {low}; got {value!r}.")
 
 
-def check_positive(where: str, name: str, value: object) -> None:
+def check_positive(name: str, value: object) -> None:
     """``TypeError`` unless ``value`` is a number; ``ValueError`` unless it is finite and > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}: `{name}` must be a number; got {describe(value)}.")
+        raise FparamsTypeError(f"`{name}` must be a number; got {describe(value)}.")
     if not (math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{where}: `{name}` must be a finite number > 0; got {value!r}.")
+        raise FparamsValueError(f"`{name}` must be a finite number > 0; got {value!r}.")
 
 
-def check_choice(where: str, name: str, value: object, choices: Tuple[str, ...]) -> None:
+def check_choice(name: str, value: object, choices: Tuple[str, ...]) -> None:
     """``TypeError`` unless ``value`` is a string; ``ValueError`` unless it is one of ``choices``."""
     if not isinstance(value, str):
-        raise TypeError(f"{where}: `{name}` must be one of {choices}; got {describe(value)}.")
+        raise FparamsTypeError(f"`{name}` must be one of {choices}; got {describe(value)}.")
     if value not in choices:
-        raise ValueError(f"{where}: `{name}` must be one of {choices}; got {value!r}.")
+        raise FparamsValueError(f"`{name}` must be one of {choices}; got {value!r}.")
 
 
-def check_callable(where: str, name: str, value: object, what: str) -> None:
+def check_callable(name: str, value: object, what: str) -> None:
     """``TypeError`` unless ``value`` is callable; ``what`` shows its expected signature."""
     if not callable(value):
-        raise TypeError(f"{where}: `{name}` must be a callable {what}; got {type(value).__name__}.")
+        raise FparamsTypeError(f"`{name}` must be a callable {what}; got {type(value).__name__}.")
 
 
-def check_instance(where: str, name: str, value: object, kind: Type[Any], what: str) -> None:
+def check_instance(name: str, value: object, kind: Type[Any], what: str) -> None:
     """``TypeError`` unless ``value`` is a ``kind`` (``what`` names it in the message)."""
     if not isinstance(value, kind):
-        raise TypeError(f"{where}: `{name}` must be {what}; got {type(value).__name__}.")
+        raise FparamsTypeError(f"`{name}` must be {what}; got {type(value).__name__}.")
 
 
-def check_state(where: str, state: object, kind: Type[Any]) -> None:
+def check_state(state: object, kind: Type[Any]) -> None:
     """``TypeError`` unless ``state`` is the NamedTuple that this transform's ``init`` returns."""
     if not isinstance(state, kind):
-        raise TypeError(
-            f"{where}: `state` must be the {kind.__name__} that this transform's init() returned; "
+        raise FparamsTypeError(
+            f"`state` must be the {kind.__name__} that this transform's init() returned; "
             f"got {type(state).__name__}."
         )
 
 
-# -- where fparams' errors are shown ------------------------------------------------------
+# -- the transition from `where` arguments -------------------------------------------------
+#
+# TRANSITION (removed once no caller passes a name): callers written before
+# fparams had its own error types pass the public function's name first
+# (``check_int("fparams.adapt", "steps", ...)``). The name is taken off and set
+# on the error, as :func:`fparams._errors.public` does at the boundary.
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: Files whose frames a traceback of an fparams error leaves out: fparams' own and torch's.
-_INTERNAL = tuple(os.path.dirname(os.path.abspath(f)) + os.sep for f in (__file__, torch.__file__))
+
+def _legacy_where(fn: F) -> F:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], str) and args[0].startswith("fparams."):
+            where, args = args[0], args[1:]
+            try:
+                return fn(*args, **kwargs)
+            except FparamsError as err:
+                if err.function is None:
+                    err.function = where[len("fparams.") :]
+                raise
+        return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+for _name in [n for n, v in list(globals().items()) if n.startswith("check_") and callable(v)]:
+    globals()[_name] = _legacy_where(globals()[_name])
 
 
 def is_fparams_error(err: BaseException) -> bool:
-    """One of fparams' own input errors (its message starts with ``fparams.``)."""
-    return isinstance(err, (TypeError, ValueError)) and str(err).startswith("fparams.")
-
-
-def user_frames(tb: Optional[types.TracebackType]) -> Optional[types.TracebackType]:
-    """``tb`` without the frames of files inside fparams or torch (the user's frames stay)."""
-    kept = []
-    while tb is not None:
-        if not tb.tb_frame.f_code.co_filename.startswith(_INTERNAL):
-            kept.append(tb)
-        tb = tb.tb_next
-    out = None
-    for entry in reversed(kept):
-        out = types.TracebackType(out, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
-    return out
+    """One of fparams' own input errors (TRANSITION: or a message that starts with ``fparams.``)."""
+    return isinstance(err, FparamsError) or (
+        isinstance(err, (TypeError, ValueError)) and str(err).startswith("fparams.")
+    )
 
 
 def reports_errors_here(fn: F) -> F:
-    """Raise fparams' own errors from ``fn`` with fparams' and torch's frames left out.
-
-    A mistake caught deep inside a call (a BatchNorm layer updating shared
-    statistics under vmap, found inside torch's vmap and fparams' dispatch)
-    would otherwise end a traceback of twenty frames that are not the user's.
-    The user's own frames stay, so the line that made the mistake is shown.
-    Other exceptions, torch's included, keep their full traceback. Set the
-    environment variable ``FPARAMS_FULL_TRACEBACKS=1`` to keep every frame.
-    """
+    """TRANSITION: :func:`fparams._errors.public` without a name, for messages that carry it."""
     if os.environ.get("FPARAMS_FULL_TRACEBACKS"):
         return fn
 

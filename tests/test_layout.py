@@ -18,6 +18,7 @@ LAYERS = {
     "_version": 0,
     "_types": 0,
     "_torch_compat": 0,
+    "_errors": 0,
     "_checks": 0,
     "_filters": 0,
     "_summary": 0,
@@ -91,6 +92,7 @@ def test_namespace_is_exactly_all() -> None:
 
 def test_every_public_callable_is_documented_with_an_example() -> None:
     aliases = {"Params", "Buffers", "Updates", "Grads", "LR", "Filter", "CompileFallbackWarning"}
+    aliases |= {"FparamsTypeError", "FparamsValueError", "FparamsRuntimeError"}  # FparamsError shows them
     for name in sorted(set(fparams.__all__) - aliases - {"__version__"}):
         doc = getattr(fparams, name).__doc__ or ""
         assert ">>>" in doc, f"fparams.{name} has no runnable example in its docstring"
