@@ -290,3 +290,10 @@ def import_dynamo_if_lazy_import_breaks() -> None:
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 4):  # pragma: no cover - depends on the torch version
         importlib.import_module("torch._dynamo")
+
+
+# --- implicit ---
+# torch.func's pytree functions, named here so that callers type-check (mypy --strict)
+tree_flatten = pytree.tree_flatten
+tree_unflatten = pytree.tree_unflatten
+tree_leaves = pytree.tree_leaves

@@ -547,7 +547,7 @@ BAD_ROOT_ARGS = [
     (
         lambda: implicit.custom_root(lambda x, a: x, solve="cg"),
         TypeError,
-        r"fparams\.implicit\.custom_root: `solve` must be a linear solver",
+        r"fparams\.implicit\.custom_root: `solve` must be a callable linear solver",
     ),
     (
         lambda: implicit.custom_root(lambda x, a: x, has_aux=1),
@@ -606,7 +606,7 @@ BAD_ADAPT_ARGS = [
         r"`lam` must be a floating tensor or a number; got dtype torch.int64",
     ),
     (dict(lr="fast"), TypeError, r"fparams\.implicit\.adapt: `lr` must be a number, a tensor"),
-    (dict(solve=5), TypeError, r"fparams\.implicit\.adapt: `solve` must be a linear solver"),
+    (dict(solve=5), TypeError, r"fparams\.implicit\.adapt: `solve` must be a callable linear solver"),
     (
         dict(filter=lambda name, t: False),
         ValueError,
@@ -657,8 +657,14 @@ def test_imaml_with_batchnorm_vmap_equals_loop() -> None:
 def test_docstring_examples_run() -> None:
     import doctest
 
-    result = doctest.testmod(implicit, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 10 and result.failed == 0
+    from fparams.implicit import imaml, root, solvers
+
+    attempted = 0
+    for module in (implicit, solvers, root, imaml):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted > 10
 
 
 @pytest.mark.parametrize("factory", ["cg", "normal_cg", "neumann"])
