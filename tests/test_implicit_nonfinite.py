@@ -269,3 +269,28 @@ def test_the_errors_are_fparams_errors_and_the_builtins() -> None:
     with pytest.raises(fparams.FparamsError) as info:
         implicit.cg()(lambda v: v, {})
     assert isinstance(info.value, ValueError) and info.value.function == "implicit.cg"
+
+
+@pytest.mark.parametrize(
+    "loss, error, message",
+    [
+        (lambda p: p["w"] * 2, FparamsValueError,
+         "fparams.implicit.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); "
+         "got shape (2,)."),
+        (lambda p: 1.0, FparamsTypeError,
+         "fparams.implicit.adapt: `loss_fn` must return a scalar floating tensor; got float 1.0."),
+        (lambda p: p["w"].sum().long(), FparamsTypeError,
+         "fparams.implicit.adapt: `loss_fn` must return a scalar floating tensor; got dtype torch.int64."),
+    ],
+)  # fmt: skip
+def test_a_loss_fn_that_returns_no_scalar_is_named(loss: Any, error: type, message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        implicit.adapt(loss, {"w": torch.zeros(2, dtype=D)}, lam=1.0, lr=0.1, steps=2)
+
+
+def test_a_solver_class_is_refused_as_solve() -> None:
+    with pytest.raises(FparamsTypeError, match=re.escape(
+        "fparams.implicit.custom_root: `solve` is the class LinearSolver; pass a solver such as "
+        "fparams.implicit.cg(maxiter=50)."
+    )):  # fmt: skip
+        implicit.custom_root(lambda x, a: x - a, solve=implicit.LinearSolver)

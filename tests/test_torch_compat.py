@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import torch  # --- implicit ---
+
 import fparams._torch_compat as compat
 
 # A torch whose privates moved: hide them while fparams is imported, then use the
@@ -19,6 +21,7 @@ SCRIPT = textwrap.dedent(
     # hidden while fparams imports (torch itself still needs them afterwards)
     hidden = [(_functorch, "_unwrap_batched"), (torch.overrides, "_pop_mode_temporarily"),
               (torch.overrides, "_get_current_function_mode"), (bn, "_BatchNorm")]
+    hidden += [(sys, "_getframe")]  # --- implicit --- (exact_norms' batch counter, layer names)
     saved = [(owner, name, getattr(owner, name)) for owner, name in hidden]
     if sys.argv[1] == "without":
         for owner, name in hidden:
@@ -29,6 +32,7 @@ SCRIPT = textwrap.dedent(
         setattr(owner, name, value)
     if sys.argv[1] == "without":
         assert compat.FUNCTORCH is None and compat.current_function_mode() is None
+        assert compat.caller_self(0) is compat.UNKNOWN_CALLER  # --- implicit ---
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1)).double()
     arch, params, buffers = fparams.split(net)
@@ -72,3 +76,9 @@ def test_the_probes_found_this_torchs_privates() -> None:
     assert compat.MODULE_SLOTS
     assert compat.current_function_mode() is None  # no mode active here
     assert compat.caller_frame(0) is sys._getframe()
+
+
+def test_frames_and_run_op_for_exact_norms() -> None:  # --- implicit ---
+    assert compat.caller_self(0) is None  # a function without `self`
+    assert compat.calling_module((torch.nn.Module,)) is None
+    assert compat.run_op(max, (1, 2), {}) == 2

@@ -28,10 +28,26 @@ __all__ = ["adapt"]
 def _proximal(loss_fn: Callable[..., Tensor], frozen: TensorDict) -> Callable[..., Tensor]:
     def prox(phi: Params, anchor: TensorDict, lam: Any, *args: Any) -> Tensor:
         distance = sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
-        loss: Tensor = loss_fn({**phi, **frozen}, *args) + 0.5 * lam * distance
-        return loss
+        return _checked_loss(loss_fn({**phi, **frozen}, *args)) + 0.5 * lam * distance
 
     return prox
+
+
+def _checked_loss(loss: object) -> Tensor:
+    # the inner loop, the solver's Hessian-vector products and the outer loss all need a
+    # scalar; this runs inside them, so the error names implicit.adapt itself
+    if not isinstance(loss, Tensor) or not loss.is_floating_point():
+        shown = f"dtype {loss.dtype}" if isinstance(loss, Tensor) else describe(loss)
+        raise FparamsTypeError(
+            f"`loss_fn` must return a scalar floating tensor; got {shown}.", function="implicit.adapt"
+        )
+    if loss.dim() != 0:
+        raise FparamsValueError(
+            f"`loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); got shape "
+            f"{tuple(loss.shape)}.",
+            function="implicit.adapt",
+        )
+    return loss
 
 
 def _every_name(name: str, tensor: Tensor) -> bool:

@@ -312,6 +312,10 @@ def check_solve(solve: object) -> None:
                 f"`solve` is the solver factory fparams.implicit.{name} itself; "
                 f"call it to make a solver, e.g. solve=fparams.implicit.{name}()."
             )
+    if isinstance(solve, type):
+        raise FparamsTypeError(
+            f"`solve` is the class {solve.__name__}; pass a solver such as fparams.implicit.cg(maxiter=50)."
+        )
     check_callable("solve", solve, "linear solver such as fparams.implicit.cg(maxiter=50)")
 
 
