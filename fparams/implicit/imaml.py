@@ -28,7 +28,8 @@ __all__ = ["adapt"]
 def _proximal(loss_fn: Callable[..., Tensor], frozen: TensorDict) -> Callable[..., Tensor]:
     def prox(phi: Params, anchor: TensorDict, lam: Any, *args: Any) -> Tensor:
         distance = sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
-        return _checked_loss(loss_fn({**phi, **frozen}, *args)) + 0.5 * lam * distance
+        total: Tensor = _checked_loss(loss_fn({**phi, **frozen}, *args)) + 0.5 * lam * distance
+        return total
 
     return prox
 
