@@ -294,3 +294,14 @@ def test_a_solver_class_is_refused_as_solve() -> None:
         "fparams.implicit.cg(maxiter=50)."
     )):  # fmt: skip
         implicit.custom_root(lambda x, a: x - a, solve=implicit.LinearSolver)
+
+
+def test_the_guide_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    import pathlib
+
+    guide = pathlib.Path(__file__).parent.parent / "docs" / "guides" / "implicit.md"
+    blocks = re.findall(r"```python\n(.*?)```", guide.read_text(), re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, str(guide), "exec"), {})
+    assert "tensor([nan, nan])" in capsys.readouterr().out
