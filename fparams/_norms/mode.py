@@ -168,7 +168,7 @@ class exact_norms(TorchFunctionMode):
         # Batch or instance normalization, which may update running statistics.
         mean, var = stats
         own_stats = use_input_stats or self.batch_stats or mean is None or var is None
-        if own_stats and values_per_channel(input, per_instance) == 1:
+        if own_stats and input.dim() >= 2 and values_per_channel(input, per_instance) == 1:
             raise one_value_error(_layer_name(per_instance), tuple(input.shape), per_instance)
         update = use_input_stats and not self.batch_stats and mean is not None and var is not None
         if self.always or vmap_active():
