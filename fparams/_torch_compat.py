@@ -50,8 +50,7 @@ import sys
 import warnings  # --- tasks ---
 import weakref
 from types import FrameType
-from typing import Any, Callable, ContextManager, Iterator, Optional, Tuple
-from typing import List, Sequence  # --- tasks ---
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple  # --- tasks ---
 
 import torch
 from torch import nn
@@ -446,3 +445,7 @@ def reaches_other_leaves(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> b
             return True
         stack.extend(next_node for next_node, _ in node.next_functions)
     return False
+
+
+#: ``pytree`` again, as a module attribute that ``mypy --strict`` sees as exported (an import is not).
+tree_utils = pytree

@@ -28,7 +28,9 @@ def _mse_task(arch: Callable[..., Tensor], steps: int = 1) -> Callable[..., Tens
     return task
 
 
-def _reference(task: Callable[..., Tensor], params: Params, per_task: List[Tuple[Tensor, ...]]) -> Tuple[Tensor, Params]:
+def _reference(
+    task: Callable[..., Tensor], params: Params, per_task: List[Tuple[Tensor, ...]]
+) -> Tuple[Tensor, Params]:
     """The losses of a plain per-task loop and the gradient of their sum (plain autograd)."""
     ref = leaves(params)
     losses = torch.stack([task(ref, *args) for args in per_task])
@@ -80,7 +82,10 @@ def _renorm_case() -> Tuple[Callable[..., Tensor], Params, List[Tensor]]:
     torch.manual_seed(0)
     arch, params, _ = fparams.split(Renormed().double())
     g = torch.Generator().manual_seed(1)
-    data = [torch.randn(4, 5, 3, generator=g, dtype=torch.float64), torch.randn(4, 5, 1, generator=g, dtype=torch.float64)]
+    data = [
+        torch.randn(4, 5, 3, generator=g, dtype=torch.float64),
+        torch.randn(4, 5, 1, generator=g, dtype=torch.float64),
+    ]
     return _mse_task(arch), params, data
 
 
@@ -119,7 +124,9 @@ def test_meta_value_and_grad_auto_avoids_the_slow_fallback_too() -> None:
 def test_explicit_vmap_runs_the_slow_fallback_but_names_the_op_and_the_loop(kw: Dict[str, Any]) -> None:
     task, params, data = _renorm_case()
     mapped = fparams.map_tasks(task, **kw)
-    with pytest.warns(fparams.VmapFallbackWarning, match=r"aten::renorm through torch's slow .* strategy='loop'"):
+    with pytest.warns(
+        fparams.VmapFallbackWarning, match=r"aten::renorm through torch's slow .* strategy='loop'"
+    ):
         got = mapped(params, *data)
     assert mapped.demoted is None  # an explicit strategy is never changed
     want, _ = _reference(task, params, [(data[0][i], data[1][i]) for i in range(4)])
@@ -152,7 +159,13 @@ def _batch_stats_twin(net: Guarded) -> Guarded:
 
 def _ragged(shots: Tuple[int, ...] = (1, 5, 5)) -> List[Tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(n, 3, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)) for n in shots]
+    return [
+        (
+            torch.randn(n, 3, generator=g, dtype=torch.float64),
+            torch.randn(n, 1, generator=g, dtype=torch.float64),
+        )
+        for n in shots
+    ]
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -245,4 +258,3 @@ def test_vmap_sizes_cover_every_chunk() -> None:
     assert vmap_sizes("chunked", 5, 2) == (2, 1)
     assert vmap_sizes("chunked", 4, 2) == (2,)
     assert vmap_sizes("chunked", 3, 8) == (3, 3)
-

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from .._checks import check_dict, check_int, describe
 from .._errors import FparamsTypeError, FparamsValueError, public
-from .._torch_compat import pytree
+from .._torch_compat import tree_utils as pytree
 from .._types import Params, TensorDict
 
 
@@ -99,6 +99,49 @@ def stack_outputs(outputs: Sequence[Any]) -> Any:
                 f"stacked. Reduce each task's output to a common shape (e.g. .mean() for a loss)."
             )
     return pytree.tree_unflatten([torch.stack(col) for col in columns], spec[0])
+
+
+def check_task_output(out: Any, losses: bool) -> Any:
+    """One task's output (under vmap, before it is stacked): tensors only; with ``losses``,
+    not a tuple (``meta_value_and_grad`` without ``has_aux``). Returns ``out``."""
+    if losses and isinstance(out, tuple):
+        raise FparamsTypeError(
+            f"`task_fn` returned a tuple of {len(out)} values; it must return one scalar loss per "
+            f"task. To return more, return (loss, aux) and pass has_aux=True."
+        )
+    for leaf in pytree.tree_leaves(out):
+        if not isinstance(leaf, Tensor):
+            raise FparamsTypeError(
+                f"the function returned {describe(leaf)} for a task; return tensors (e.g. the "
+                f"loss as a 0-dim tensor), which are stacked per task."
+            )
+    return out
+
+
+def checked(fn: Callable[..., Any], losses: bool) -> Callable[..., Any]:
+    """``fn`` whose every output goes through :func:`check_task_output` (for vmap's own check)."""
+
+    def call(*args: Any) -> Any:
+        return check_task_output(fn(*args), losses)
+
+    return call
+
+
+def check_params(params: Any) -> None:
+    """``params`` for a gradient: a pytree (a dict) whose leaves are floating-point tensors."""
+    for path, leaf in pytree.tree_flatten_with_path(params)[0]:
+        where = f"params{pytree.keystr(path)}"
+        if not isinstance(leaf, Tensor):
+            raise FparamsTypeError(
+                f"`{where}` is {describe(leaf)}; the gradient is taken with respect to every value "
+                f"of `params`, so each must be a floating-point tensor (pass constants through "
+                f"task_fn's closure). Use fparams.split(module) to get params."
+            )
+        if not (leaf.is_floating_point() or leaf.is_complex()):
+            raise FparamsTypeError(
+                f"`{where}` has dtype {leaf.dtype}; gradients need floating-point tensors. Cast it "
+                f"(e.g. .float()) or pass it through task_fn's closure."
+            )
 
 
 def per_task_losses(out: Any) -> Tensor:

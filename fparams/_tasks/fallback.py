@@ -19,11 +19,13 @@ from .._torch_compat import (
     VERSION_COUNTERS,
     SlowFallback,
     is_random_op_error,
-    pytree,
     slow_fallback_raises,
     slow_fallback_recorded,
     unbatchable_op,
     version,
+)
+from .._torch_compat import (
+    tree_utils as pytree,
 )
 from .plan import AutoMemory
 

@@ -9,7 +9,7 @@ import torch
 from .._errors import FparamsTypeError, public
 from .._norms import exact_norms
 from .._torch_compat import is_compiling
-from .batching import check_task_list, num_tasks, stack_outputs, task
+from .batching import check_task_list, checked, num_tasks, stack_outputs, task
 from .fallback import run_auto, run_vmap
 from .plan import AutoMemory, Options, Randomness, Strategy, check_options, plan, vmap_sizes
 
@@ -39,7 +39,8 @@ def check_call(args: Sequence[Any], kwargs: Dict[str, Any], owner: str) -> None:
     if own:
         shown = ", ".join(f"{k}=..." for k in own)
         raise FparamsTypeError(
-            f"{', '.join(f'`{k}`' for k in own)} is an option of fparams.{owner} itself, not of the "
+            f"{', '.join(f'`{k}`' for k in own)} {'is an option' if len(own) == 1 else 'are options'} "
+            f"of fparams.{owner} itself, not of the "
             f"function it returns: pass it when mapping, fparams.{owner}(fn, {shown}), then call "
             f"the result as f(params, *task_batches)."
         )
@@ -71,10 +72,17 @@ class MappedTasks:
         >>> mapped.reset()
     """
 
-    def __init__(self, fn: Callable[..., Any], options: Options, memory: Optional[AutoMemory] = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        options: Options,
+        memory: Optional[AutoMemory] = None,
+        losses: bool = False,
+    ) -> None:
         self.fn = fn
         self.options = options
         self.memory = memory if memory is not None else AutoMemory("map_tasks", fn)
+        self.losses = losses  # meta_value_and_grad's: fn returns a loss (or (loss, aux) with has_aux)
         self.__doc__ = f"map_tasks({getattr(fn, '__name__', 'fn')}): call as f(params, *task_batches)."
 
     @property
@@ -108,7 +116,9 @@ class MappedTasks:
             mode = exact_norms(options.batch_stats)
             return stack_outputs(each_task(mode, lambda i: fn(params, *tasks[i]), len(tasks)))
         if not task_batches:
-            raise FparamsTypeError("call the mapped function as f(params, *task_batches); no task batch was given.")
+            raise FparamsTypeError(
+                "call the mapped function as f(params, *task_batches); no task batch was given."
+            )
         n = num_tasks(task_batches)
         chosen = plan(options, task_batches, n, params, self.memory)
 
@@ -122,7 +132,7 @@ class MappedTasks:
         # The mode is entered inside the mapped function: vmap's own handling
         # of the inputs and outputs then does not pass through it.
         mapped = torch.func.vmap(
-            norms.around(fn),
+            norms.around(checked(fn, self.losses and not options.has_aux)),
             in_dims=(None,) + (0,) * len(task_batches),
             randomness=options.randomness,
             chunk_size=options.chunk_size if chosen == "chunked" else None,

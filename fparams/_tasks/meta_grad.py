@@ -12,8 +12,19 @@ from .._checks import check_flag
 from .._errors import public
 from .._grads import grad_route
 from .._norms import exact_norms
-from .._torch_compat import pytree, reaches_other_leaves
-from .batching import check_task_list, concat, detached, losses_and_aux, num_tasks, task, task_slice
+from .._torch_compat import reaches_other_leaves
+from .._torch_compat import tree_utils as pytree
+from .batching import (
+    check_params,
+    check_task_list,
+    checked,
+    concat,
+    detached,
+    losses_and_aux,
+    num_tasks,
+    task,
+    task_slice,
+)
 from .compiled import CompiledStep
 from .fallback import run_auto, run_vmap
 from .map import MappedTasks, check_call, each_task
@@ -34,7 +45,7 @@ class MetaStep:
         self.task_fn = task_fn
         self.options = options
         self.memory = AutoMemory("meta_value_and_grad", task_fn)
-        self.mapped = MappedTasks(task_fn, options, self.memory)
+        self.mapped = MappedTasks(task_fn, options, self.memory, losses=True)
 
     @property
     def strategy(self) -> Strategy:
@@ -57,6 +68,7 @@ class MetaStep:
 
     def compute(self, params: Any, task_batches: Sequence[Any], tasks: Optional[Sequence[Any]]) -> Any:
         """The step without its public name."""
+        check_params(params)
         if tasks is not None:
             check_task_list(task_batches, tasks, self.options.strategy)
         if grad_route() == "autograd":  # eager, no transform (torch.compile traces the other branch)
@@ -92,7 +104,9 @@ class MetaStep:
         sizes = vmap_sizes(chosen, n, options.chunk_size)
         if options.strategy != "auto":
             return run_vmap(lambda: run(chosen), options.strategy, self.memory, sizes)
-        return run_auto(lambda: run(chosen), lambda: run("loop"), [flat, list(task_batches)], self.memory, sizes)
+        return run_auto(
+            lambda: run(chosen), lambda: run("loop"), [flat, list(task_batches)], self.memory, sizes
+        )
 
 
 def _chunks(chosen: Chosen, n: int, chunk_size: Optional[int]) -> List[Tuple[int, int]]:
@@ -126,7 +140,17 @@ def chunk_grads(
 
     def chunk(a: int, b: int) -> None:
         nonlocal keep, check, total
-        out = _run_chunk(task_fn, chosen, params, task_batches, (a, b), norms, options.randomness, task_args)
+        out = _run_chunk(
+            task_fn,
+            chosen,
+            params,
+            task_batches,
+            (a, b),
+            norms,
+            options.randomness,
+            task_args,
+            options.has_aux,
+        )
         losses, aux = losses_and_aux(out, options.has_aux)
         loss = losses.sum() / n
         if check and loss.requires_grad:
@@ -162,18 +186,21 @@ def _run_chunk(
     norms: exact_norms,
     randomness: Randomness,
     task_args: TaskArgs,
+    has_aux: bool,
 ) -> Any:
     """The outputs of tasks ``span[0]:span[1]``, stacked, as :func:`map_tasks` computes them."""
     a, b = span
     if chosen == "loop":  # one task, under ``norms`` while :func:`each_task` keeps it
         args = task(batches, a) if task_args is None else task_args(a)
-        return pytree.tree_map(lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, task_fn(params, *args))
+        return pytree.tree_map(
+            lambda t: t.unsqueeze(0) if isinstance(t, Tensor) else t, task_fn(params, *args)
+        )
     chunk = task_slice(batches, a, b)
     # the mode is entered inside the mapped function, as map_tasks does
     dims = (None,) + (0,) * len(chunk)
-    mapped = torch.func.vmap(norms.around(task_fn), in_dims=dims, randomness=randomness)
+    fn = checked(task_fn, not has_aux)
+    mapped = torch.func.vmap(norms.around(fn), in_dims=dims, randomness=randomness)
     return mapped(params, *chunk)
-
 
 
 @public("meta_value_and_grad")
