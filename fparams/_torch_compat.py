@@ -405,6 +405,11 @@ def _probe_versions() -> bool:
 VERSION_COUNTERS = _probe_versions()
 
 
+def has_version_counters() -> bool:
+    """:data:`VERSION_COUNTERS`, read at call time."""
+    return VERSION_COUNTERS
+
+
 def version(t: torch.Tensor) -> int:
     """``t._version``, autograd's count of in-place changes (-1 where unavailable)."""
     return int(t._version) if VERSION_COUNTERS else -1

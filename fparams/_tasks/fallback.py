@@ -16,8 +16,8 @@ from torch import Tensor
 from .._checks import warn_in_user_code
 from .._errors import FparamsRuntimeError, FparamsValueError
 from .._torch_compat import (
-    VERSION_COUNTERS,
     SlowFallback,
+    has_version_counters,
     is_random_op_error,
     slow_fallback_raises,
     slow_fallback_recorded,
@@ -120,7 +120,7 @@ def run_auto(
     kept: where one changed, the loop would apply that change twice, so the
     call raises instead.
     """
-    first = not memory.ran or not VERSION_COUNTERS
+    first = not memory.ran or not has_version_counters()  # without them every call copies
     saved = [(t, version(t), t.detach().clone() if first else None) for t in _tensors(given)]
     try:
         with slow_fallback_raises():
