@@ -126,19 +126,22 @@ def run_auto(
         with slow_fallback_raises():
             out = explained(call, "auto", sizes)
     except SlowFallback as err:
-        op = f"{err} without torch's slow per-example fallback"
+        op, why = (
+            f"{err} (slow per-example fallback)",
+            f"vmap would run {err} through torch's slow per-example fallback",
+        )
     except FparamsRuntimeError as err:
         found = unbatchable_op(err.__cause__, sizes) if err.__cause__ is not None else None
         if found is None:
             raise
-        op = found
+        op, why = found, f"vmap cannot run {found}"
     else:
         memory.ran = True
         return out
     _restore(saved, first, op)
     memory.demoted = op
     warn_in_user_code(
-        f"fparams.{memory.name}: vmap cannot run {op}, so strategy='auto' runs {memory.fn_name} "
+        f"fparams.{memory.name}: {why}, so strategy='auto' runs {memory.fn_name} "
         f"with the loop from now on (same numbers, one task at a time; `.demoted` on the callable "
         f"says why, `.reset()` forgets). Pass strategy='loop' to choose it yourself.",
         VmapFallbackWarning,
