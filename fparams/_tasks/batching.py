@@ -130,16 +130,16 @@ def checked(fn: Callable[..., Any], losses: bool) -> Callable[..., Any]:
 def check_params(params: Any) -> None:
     """``params`` for a gradient: a pytree (a dict) whose leaves are floating-point tensors."""
     for path, leaf in pytree.tree_flatten_with_path(params)[0]:
-        where = f"params{pytree.keystr(path)}"
+        label = f"params{pytree.keystr(path)}"
         if not isinstance(leaf, Tensor):
             raise FparamsTypeError(
-                f"`{where}` is {describe(leaf)}; the gradient is taken with respect to every value "
+                f"`{label}` is {describe(leaf)}; the gradient is taken with respect to every value "
                 f"of `params`, so each must be a floating-point tensor (pass constants through "
                 f"task_fn's closure). Use fparams.split(module) to get params."
             )
         if not (leaf.is_floating_point() or leaf.is_complex()):
             raise FparamsTypeError(
-                f"`{where}` has dtype {leaf.dtype}; gradients need floating-point tensors. Cast it "
+                f"`{label}` has dtype {leaf.dtype}; gradients need floating-point tensors. Cast it "
                 f"(e.g. .float()) or pass it through task_fn's closure."
             )
 

@@ -13,7 +13,7 @@ from .._errors import FparamsError, FparamsTypeError, public, user_frames
 from .._norms import exact_norms
 from .._torch_compat import is_compiling
 from .batching import check_task_list, checked, num_tasks, stack_outputs, task
-from .fallback import run_auto, run_vmap
+from .fallback import explained, run_auto, run_vmap
 from .plan import AutoMemory, Options, Randomness, Strategy, check_options, plan, vmap_sizes
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -177,9 +177,9 @@ class MappedTasks:
         def call() -> Any:
             return mapped(params, *task_batches)
 
-        if is_compiling():
-            return call()
         sizes = vmap_sizes(chosen, n, options.chunk_size)
+        if is_compiling():  # no warning filters or copies to trace: the plain rules
+            return explained(call, options.strategy, sizes)
         if options.strategy != "auto":
             return run_vmap(call, options.strategy, self.memory, sizes)
         return run_auto(call, run_loop, [params, task_batches], self.memory, sizes)
