@@ -131,6 +131,20 @@ def test_explicit_vmap_runs_the_slow_fallback_but_names_the_op_and_the_loop(kw: 
     assert mapped.demoted is None  # an explicit strategy is never changed
     want, _ = _reference(task, params, [(data[0][i], data[1][i]) for i in range(4)])
     torch.testing.assert_close(got, want, **TOL)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapped(params, *data)
+    assert not [w for w in caught if issubclass(w.category, fparams.VmapFallbackWarning)]  # said once
+
+
+def test_auto_with_chunks_avoids_the_slow_fallback_too() -> None:
+    task, params, data = _renorm_case()
+    mapped = fparams.map_tasks(task, chunk_size=2)
+    with pytest.warns(fparams.VmapFallbackWarning, match=r"aten::renorm"):
+        got = mapped(params, *data)
+    assert mapped.demoted is not None
+    want, _ = _reference(task, params, [(data[0][i], data[1][i]) for i in range(4)])
+    torch.testing.assert_close(got, want, **TOL)
 
 
 # -- issue 16 item 3: batch_stats and the shared-statistics guard hold for every task -------------
@@ -234,9 +248,10 @@ def test_the_callables_show_their_strategy_and_what_auto_learned() -> None:
     mapped = fparams.map_tasks(fn, strategy="loop")
     assert (mapped.strategy, mapped.demoted) == ("loop", None)
     assert repr(mapped) == "map_tasks(<lambda>, strategy='loop', demoted=None)"
-    step = fparams.meta_value_and_grad(fn, compile=False)
-    assert (step.strategy, step.demoted) == ("auto", None)
-    step.reset()
+    for compile in (False, True):
+        step = fparams.meta_value_and_grad(fn, compile=compile)
+        assert (step.strategy, step.demoted) == ("auto", None)  # type: ignore[attr-defined]
+        step.reset()  # type: ignore[attr-defined]
     mapped.reset()
     assert not hasattr(fparams._tasks, "_VMAP_FAILED") and not hasattr(fparams._tasks, "_VMAP_RAN")
 
