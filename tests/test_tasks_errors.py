@@ -47,6 +47,11 @@ CASES = {
         MAP + "`batch_stats`, `chunk_size` are options of fparams.map_tasks itself",
         lambda: fparams.map_tasks(_ok)(PARAMS, X, Y, chunk_size=2, batch_stats=True),
     ),
+    "compile-is-not-a-map-tasks-option": (
+        FparamsTypeError,
+        MAP + "the mapped function takes no keyword argument 'compile';",
+        lambda: fparams.map_tasks(_ok)(PARAMS, X, Y, compile=True),
+    ),
     "unknown-call-keyword": (
         FparamsTypeError,
         MAP + "the mapped function takes no keyword argument 'foo'; call it as f(params, *task_batches) "

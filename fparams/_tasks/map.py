@@ -18,8 +18,10 @@ from .plan import AutoMemory, Options, Randomness, Strategy, check_options, plan
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The keywords of ``map_tasks`` itself, which the mapped function does not take.
-_OWN_KEYWORDS = ("strategy", "chunk_size", "randomness", "batch_stats")
+#: The keywords of ``map_tasks`` / ``meta_value_and_grad`` themselves, which the callables they
+#: return do not take.
+MAP_KEYWORDS = ("strategy", "chunk_size", "randomness", "batch_stats")
+STEP_KEYWORDS = MAP_KEYWORDS + ("has_aux", "compile")
 
 
 def each_task(mode: exact_norms, run: Callable[[int], Any], n: int) -> List[Any]:
@@ -72,7 +74,7 @@ def entry_point(name: str) -> Callable[[F], F]:
 
 def check_call(args: Sequence[Any], kwargs: Dict[str, Any], owner: str) -> None:
     """The mapped function's own call: ``f(params, *task_batches)`` or ``f(params, tasks=[...])``."""
-    own = sorted(k for k in kwargs if k in _OWN_KEYWORDS or k == "has_aux" or k == "compile")
+    own = sorted(k for k in kwargs if k in (MAP_KEYWORDS if owner == "map_tasks" else STEP_KEYWORDS))
     if own:
         shown = ", ".join(f"{k}=..." for k in own)
         raise FparamsTypeError(
