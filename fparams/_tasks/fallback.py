@@ -8,6 +8,7 @@ a user's own broadcast error, reaches the user unchanged and changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -118,12 +119,17 @@ def run_auto(
     first, and any that changed gets its value back before the loop runs.
     Once vmap has run the function, only the tensors' version counters are
     kept: where one changed, the loop would apply that change twice, so the
-    call raises instead.
+    call raises instead. torch's slow-fallback warning is watched for until
+    vmap has run the function once (an op on a path that only a later call
+    takes is not seen).
     """
     first = not memory.ran or not has_version_counters()  # without them every call copies
     saved = [(t, version(t), t.detach().clone() if first else None) for t in _tensors(given)]
+    # Until vmap has run the function once: a warning filter changes Python's warning state
+    # (warnings shown "once" show again), so later calls run without it.
+    watch = slow_fallback_raises() if not memory.ran else contextlib.nullcontext()
     try:
-        with slow_fallback_raises():
+        with watch:
             out = explained(call, "auto", sizes)
     except SlowFallback as err:
         op, why = (
