@@ -45,10 +45,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import re  # --- tasks ---
 import sys
+import warnings  # --- tasks ---
 import weakref
 from types import FrameType
-from typing import Any, Callable, ContextManager, Iterator, Optional, Tuple
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple  # --- tasks ---
 
 import torch
 from torch import nn
@@ -344,3 +346,163 @@ def _op_runner() -> Callable[[Callable[..., Any], Any, dict[str, Any]], Any]:
 
 #: ``run_op(func, args, kwargs)``: ``func(*args, **kwargs)`` from a frame outside fparams.
 run_op = _op_runner()
+# --- tasks ---
+# fparams._tasks: which vmap errors and warnings are vmap's own limits (the
+# loop runs what they stop), autograd's version counters and a graph walk.
+# Where torch rewords a message, its error surfaces unexplained and ``"auto"``
+# does not demote (never a wrong answer, at worst a lost speed-up).
+
+
+def unbatchable_op(err: BaseException, batch_sizes: Sequence[int] = ()) -> Optional[str]:
+    """The op a vmap error names, where the error is a KNOWN vmap limitation (the loop runs it).
+
+    Only vmap's own refusals count: a missing batching rule without a
+    fallback, ``.item()`` or data-dependent control flow, ``.data`` of a fused
+    recurrent kernel, a data-dependent output shape, and an in-place write
+    whose output lacks exactly the task dimension (its broadcast shape is the
+    output's with one of ``batch_sizes`` in front: per task, the shapes
+    match). Any other error (a user's shape or broadcast error, which the loop
+    would raise as well) gives None and reaches the user unchanged.
+    """
+    text = str(err)
+    if _lacks_only_the_task_dim(text, batch_sizes):  # e.g. a fused RNN kernel's decomposition under grad
+        return "an in-place op whose output has no task dimension"
+    if "Batching rule not implemented" in text or "fallback path doesn't work" in text:
+        found = re.search(r"aten::\w+(\.\w+)?", text)
+        return found.group(0) if found else "an op without a batching rule"
+    if "calling .item() on a Tensor" in text or "data-dependent control flow" in text:
+        return ".item() or data-dependent control flow"
+    if "accessing `data` under vmap" in text:  # older torch's recurrent layers
+        return "an op that reads .data (a recurrent layer's fused kernel)"
+    if "batching operators that can output dynamic shape" in text:
+        return "an op whose output shape depends on the data"
+    return None
+
+
+_BROADCAST = re.compile(r"output with shape \[([\d, ]*)\] doesn't match the broadcast shape \[([\d, ]*)\]")
+
+
+def _lacks_only_the_task_dim(text: str, batch_sizes: Sequence[int]) -> bool:
+    found = _BROADCAST.search(text)
+    if found is None:
+        return False
+    out, wanted = ([int(d) for d in g.split(",") if d.strip()] for g in found.groups())
+    return len(wanted) == len(out) + 1 and wanted[1:] == out and wanted[0] in batch_sizes
+
+
+def is_random_op_error(err: BaseException) -> bool:
+    """vmap with ``randomness="error"`` met a random op."""
+    return "called random operation while in randomness error mode" in str(err)
+
+
+#: The start of torch's warning where vmap runs an op through its slow per-example fallback.
+_SLOW_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule for"
+
+
+def slow_fallback_op(message: object) -> Optional[str]:
+    """The op of torch's "performance drop" warning (vmap's per-example fallback), or None."""
+    text = str(message)
+    if not text.startswith(_SLOW_FALLBACK):
+        return None
+    found = re.search(r"aten::[\w.]+?(?=\.?\s|\.$|$)", text)
+    return found.group(0) if found else "an op without a batching rule"
+
+
+class SlowFallback(RuntimeError):
+    """Raised in place of torch's "performance drop" warning inside :func:`slow_fallback_raises`."""
+
+
+@contextlib.contextmanager
+def slow_fallback_raises() -> Iterator[None]:
+    """Turn torch's slow-fallback warning into an exception for a block (``"auto"`` then loops).
+
+    The warning reaches Python when the op returns, so the block stops right
+    after that op. Other warnings keep their filters.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=re.escape(_SLOW_FALLBACK))
+        try:
+            yield
+        except UserWarning as err:
+            op = slow_fallback_op(err)
+            if op is None:
+                raise
+            raise SlowFallback(op) from None
+
+
+@contextlib.contextmanager
+def slow_fallback_recorded(found: List[str]) -> Iterator[None]:
+    """Collect the ops of torch's slow-fallback warnings in ``found``; other warnings pass on."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for w in caught:
+            op = slow_fallback_op(w.message)
+            if op is not None:
+                found.append(op)
+            else:  # re-issued under the caller's filters
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _probe_versions() -> bool:
+    t = torch.zeros(1)
+    before = getattr(t, "_version", None)
+    t.add_(1)
+    return isinstance(before, int) and getattr(t, "_version", None) == before + 1
+
+
+#: Does a tensor count its in-place changes in ``._version``? Without it fparams copies instead.
+VERSION_COUNTERS = _probe_versions()
+
+
+def has_version_counters() -> bool:
+    """:data:`VERSION_COUNTERS`, read at call time."""
+    return VERSION_COUNTERS
+
+
+def version(t: torch.Tensor) -> int:
+    """``t._version``, autograd's count of in-place changes (-1 where unavailable)."""
+    return int(t._version) if VERSION_COUNTERS else -1
+
+
+def _probe_graph_walk() -> bool:
+    leaf = torch.zeros(1, requires_grad=True)
+    node = (leaf * 2).grad_fn
+    try:
+        nxt = node.next_functions[0][0]  # type: ignore[union-attr]
+        return getattr(nxt, "variable", None) is leaf
+    except (AttributeError, IndexError, TypeError):  # pragma: no cover - depends on the torch version
+        return False
+
+
+#: Can autograd's graph be walked (``next_functions``, ``AccumulateGrad.variable``)?
+GRAPH_WALK = _probe_graph_walk()
+
+
+def reaches_other_leaves(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> bool:
+    """Does ``out`` depend on a leaf that requires grad other than ``inputs``?
+
+    Without the graph walk the answer is True (the caller keeps a graph it may
+    not need: more memory, the same numbers).
+    """
+    if not GRAPH_WALK:
+        return True
+    own = {id(t) for t in inputs}
+    seen = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that requires grad
+        if leaf is not None and id(leaf) not in own:
+            return True
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+#: ``pytree`` again, as a module attribute that ``mypy --strict`` sees as exported (an import is not).
+tree_utils = pytree

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import fparams
 import fparams._inner as inner_mod
-import fparams._tasks as tasks_mod
+import fparams._tasks.meta_grad as tasks_mod
 from fparams._grads import grad_route
 from tests.helpers import assert_dicts_close
 

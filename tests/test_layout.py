@@ -35,6 +35,8 @@ LAYERS = {
     "_inner": 6,
     "implicit": 7,
     "_tasks": 8,
+    # --- tasks ---: "_tasks" is a package (batching, plan, fallback, map, compiled, meta_grad);
+    # tests/test_tasks_layout.py orders its files.
     "_maml": 8,
     "distributed": 9,
     "demo": 10,

@@ -42,10 +42,10 @@ def _loop_reference(task: Callable[..., Tensor], params: Dict[str, Tensor], data
 
 
 def _check_equal_to_loop(
-    task: Callable[..., Tensor], params: Dict[str, Tensor], data: List[Tensor], **kw: Any
+    task: Callable[..., Tensor], params: Dict[str, Tensor], data: List[Tensor], mapped: Any = None, **kw: Any
 ) -> None:
     p, ref = leaves(params), leaves(params)
-    got = fparams.map_tasks(task, **kw)(p, *data)
+    got = (mapped or fparams.map_tasks(task, **kw))(p, *data)
     want = _loop_reference(task, ref, data)
     torch.testing.assert_close(got, want, **TOL)
     assert_dicts_close(
@@ -117,18 +117,31 @@ def _renamed_gru() -> Tuple[Callable[..., Tensor], Dict[str, Tensor]]:
     return run, {short: params[k] for short, k in names.items()}
 
 
-def test_auto_falls_back_to_the_loop_once_with_a_warning() -> None:
+def test_auto_falls_back_to_the_loop_once_and_the_callable_remembers() -> None:
     arch, params = _renamed_gru()
     task = _maml(arch)
     data = _seq_data()
-    with pytest.warns(
-        fparams.VmapFallbackWarning, match=GRU_OP + r", so strategy='auto' runs task"
-    ):
-        _check_equal_to_loop(task, params, data)
+    mapped = fparams.map_tasks(task)
+    assert mapped.strategy == "auto" and mapped.demoted is None
+    with pytest.warns(fparams.VmapFallbackWarning, match=GRU_OP + r", so strategy='auto' runs task"):
+        _check_equal_to_loop(task, params, data, mapped=mapped)
+    assert mapped.demoted is not None and "gru" in mapped.demoted
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # remembered: straight to the loop
-        _check_equal_to_loop(task, params, data)
-        fparams.meta_value_and_grad(task)(params, *data)
+        warnings.simplefilter("error")  # remembered by this callable: straight to the loop
+        _check_equal_to_loop(task, params, data, mapped=mapped)
+    with pytest.warns(fparams.VmapFallbackWarning):  # nothing module-level: a new callable learns anew
+        fparams.map_tasks(task)(params, *data)
+    mapped.reset()
+    assert mapped.demoted is None
+    with pytest.warns(fparams.VmapFallbackWarning):  # reset: vmap is tried again
+        mapped(params, *data)
+    step = fparams.meta_value_and_grad(task)
+    with pytest.warns(fparams.VmapFallbackWarning):
+        step(fparams.detach(params), *data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(fparams.detach(params), *data)
+    assert step.demoted == mapped.demoted
 
 
 def test_the_fallback_warning_points_at_the_callers_line() -> None:
@@ -226,15 +239,17 @@ def test_a_later_failure_falls_back_only_where_nothing_changed() -> None:
         return (rnn_arch({k: v for k, v in p.items() if not k.startswith("bn.")}, x) - y).pow(2).mean()
 
     data = _seq_data()
-    fparams.map_tasks(task)(params, *data, fparams.stack_tasks(bn_buffers, 3))  # vmap runs it
+    mapped = fparams.map_tasks(task)
+    mapped(params, *data, fparams.stack_tasks(bn_buffers, 3))  # vmap runs it
     mode["gru"] = True
     with pytest.raises(
         RuntimeError, match=GRU_OP + r", and before it failed it had changed"
     ):
-        fparams.map_tasks(task)(params, *data, fparams.stack_tasks(bn_buffers, 3))
+        mapped(params, *data, fparams.stack_tasks(bn_buffers, 3))
+    assert mapped.demoted is None  # refused, not demoted
     mode["bn"] = False  # nothing changes before the GRU now: the loop takes over
     with pytest.warns(fparams.VmapFallbackWarning):
-        got = fparams.map_tasks(task)(params, *data, fparams.stack_tasks(bn_buffers, 3))
+        got = mapped(params, *data, fparams.stack_tasks(bn_buffers, 3))
     want = fparams.map_tasks(task, strategy="loop")(params, *data, fparams.stack_tasks(bn_buffers, 3))
     torch.testing.assert_close(got, want, **TOL)
 

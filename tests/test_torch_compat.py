@@ -82,3 +82,61 @@ def test_frames_and_run_op_for_exact_norms() -> None:  # --- implicit ---
     assert compat.caller_self(0) is None  # a function without `self`
     assert compat.calling_module((torch.nn.Module,)) is None
     assert compat.run_op(max, (1, 2), {}) == 2
+# --- tasks ---
+def test_tasks_work_without_version_counters_and_the_graph_walk(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """fparams._tasks' torch internals (``._version``, autograd's graph walk) turned off: same numbers."""
+    import warnings
+
+    import torch
+
+    import fparams
+
+    assert compat.VERSION_COUNTERS and compat.GRAPH_WALK  # found on the torch versions CI runs
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    arch, params, _ = fparams.split(net)
+    rate = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)  # captured: the graph walk finds it
+
+    def task(p, x, y):  # type: ignore[no-untyped-def]
+        out = torch.renorm(arch(p, x), 2, 0, 1.0)  # no batching rule: "auto" falls back to the loop
+        return (out - y).pow(2).mean() * rate
+
+    data = [torch.randn(3, 5, 3, dtype=torch.float64), torch.randn(3, 5, 1, dtype=torch.float64)]
+
+    def run():  # type: ignore[no-untyped-def]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value, grads = fparams.meta_value_and_grad(task)(fparams.detach(params), *data)
+        return [value, *grads.values(), *torch.autograd.grad(value, rate)]
+
+    want = run()
+    monkeypatch.setattr(compat, "VERSION_COUNTERS", False)
+    monkeypatch.setattr(compat, "GRAPH_WALK", False)
+    assert compat.version(torch.zeros(1)) == -1
+    assert compat.reaches_other_leaves(torch.zeros(1), [])
+    for a, b in zip(run(), want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_torchs_vmap_texts_are_still_recognised() -> None:
+    """Canaries: fparams._tasks recognises these texts of this torch (a rewording fails here)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.func.vmap(lambda t: torch.renorm(t, 2, 0, 1.0))(torch.ones(2, 3, 4))
+    assert [compat.slow_fallback_op(w.message) for w in caught] == ["aten::renorm"]
+    try:
+        torch.func.vmap(lambda t: torch.rand(1) + t)(torch.ones(2))
+    except RuntimeError as err:
+        assert compat.is_random_op_error(err)
+    try:
+        torch.func.vmap(lambda t: t * float(t.sum()))(torch.ones(2, 2))
+    except RuntimeError as err:
+        assert compat.unbatchable_op(err) == ".item() or data-dependent control flow"
+    user = RuntimeError("output with shape [4, 5, 1] doesn't match the broadcast shape [4, 5, 3]")
+    assert compat.unbatchable_op(user, [4]) is None  # a user's broadcast error: never a vmap limit
+    lacking = RuntimeError("output with shape [2, 5] doesn't match the broadcast shape [3, 2, 5]")
+    assert compat.unbatchable_op(lacking, [3]) == "an in-place op whose output has no task dimension"
