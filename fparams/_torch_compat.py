@@ -290,3 +290,92 @@ def import_dynamo_if_lazy_import_breaks() -> None:
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 4):  # pragma: no cover - depends on the torch version
         importlib.import_module("torch._dynamo")
+
+
+# --- adapt ---
+# Version counters, functorch wrappers and autograd graph reachability (``_inner``,
+# ``_checkpoint``), and dynamo's frame counter and backend lookup (``_compile``).
+
+
+def version(t: torch.Tensor) -> int:
+    """``t._version``: bumped by every in-place change of ``t`` (or a view of its storage).
+
+    Without it (another torch) every tensor reads 0: in-place changes are then not detected.
+    """
+    return int(getattr(t, "_version", 0))
+
+
+def batched_at(t: torch.Tensor, level: int) -> bool:
+    """Is ``t`` a ``vmap`` BatchedTensor of functorch level ``level``?"""
+    return FUNCTORCH is not None and bool(FUNCTORCH.maybe_get_level(t) == level)
+
+
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its functorch wrappers (vmap's batched, grad's tracking): the physical tensor."""
+    if FUNCTORCH is None:  # pragma: no cover - depends on the torch build
+        return t
+    while FUNCTORCH.is_wrapped(t):
+        t = FUNCTORCH.get_unwrapped(t)
+    return t
+
+
+def requires_grad_somewhere(t: torch.Tensor) -> bool:
+    """Does ``t``, or a tensor it wraps, require grad? (vmap's wrapper reads False even
+    where the physical tensor beneath requires grad.)"""
+    while True:
+        if t.requires_grad:
+            return True
+        if FUNCTORCH is None or not FUNCTORCH.is_wrapped(t):
+            return False
+        t = FUNCTORCH.get_unwrapped(t)
+
+
+def reached_by(output: torch.Tensor, inputs: "list[torch.Tensor]", stops: "list[torch.Tensor]") -> "list[bool]":
+    """Which of ``inputs`` ``output``'s autograd graph reaches, by a walk of its nodes.
+
+    Each input is found by its own node (``grad_fn``, or the ``AccumulateGrad``
+    of a leaf); the walk does not go below an input's node, nor below the node
+    of a tensor in ``stops`` (tensors whose history is known not to matter).
+    """
+    wanted = {}
+    leaves = {}
+    for i, t in enumerate(inputs):
+        if t.grad_fn is not None:
+            wanted[t.grad_fn] = i
+        else:
+            leaves[id(t)] = i
+    seen = {t.grad_fn for t in stops if t.grad_fn is not None}
+    found = [False] * len(inputs)
+    todo = [output.grad_fn] if output.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in wanted:
+            found[wanted[node]] = True
+            continue
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None and id(variable) in leaves:
+            found[leaves[id(variable)]] = True
+        todo.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def dynamo_frames() -> int:
+    """How many frames dynamo has tried to convert in this process (0 without dynamo)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    try:
+        return int(counters["frames"]["total"]) if counters is not None else 0
+    except (KeyError, TypeError):  # pragma: no cover - depends on the torch version
+        return 0
+
+
+def compiler_backend(backend: Any) -> Callable[..., Any]:
+    """The backend callable ``torch.compile(backend=backend)`` uses (a name or a callable)."""
+    if callable(backend):
+        return backend  # type: ignore[no-any-return]
+    from torch._dynamo import lookup_backend
+
+    return lookup_backend(backend)  # type: ignore[no-any-return]

@@ -33,6 +33,8 @@ LAYERS = {
     "_grads": 5,
     "_checkpoint": 5,
     "_inner": 6,
+    # --- adapt ---
+    "_rates": 6,
     "implicit": 7,
     "_tasks": 8,
     "_maml": 8,
