@@ -176,7 +176,7 @@ def _adapt(loss_fn: Callable[..., Any], params: TensorDict, args: Tuple[Any, ...
     _check_call(loss_fn, params, args, o)
     trainable, frozen = _select(params, o.filter)
     start = o.state.step if isinstance(o.state, PerStepState) else 0
-    opt = as_transformation(lr, o.steps, start, trainable, params)
+    opt = as_transformation(lr, o.steps, start, trainable, params, partial=o.return_state)
     state = _initial_state(opt, trainable, o.state)
     route, create_graph, checkpoint = _plan(params, o.first_order, o.checkpoint)
     contexts = [(frozen, args if o.batches is None else tuple(o.batches[i])) for i in range(o.steps)]
@@ -405,7 +405,7 @@ def _label(path: Sequence[Any]) -> str:
     if part == 0 and field == 1:
         return "the optimizer state"
     if part == 1 and field == 1:
-        return f"the step's loss_fn argument {path[2]}" if len(path) > 2 else "loss_fn's arguments"
+        return f"loss_fn's argument {path[2]} (args[{path[2]}])" if len(path) > 2 else "loss_fn's arguments"
     return "an input of the step"
 
 

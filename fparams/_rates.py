@@ -87,16 +87,19 @@ def per_step(rates: Sequence[Any]) -> GradientTransformation:
 
 
 def as_transformation(
-    lr: Any, steps: int, start: int, trainable: Mapping[str, Tensor], params: Mapping[str, Tensor]
+    lr: Any, steps: int, start: int, trainable: Mapping[str, Tensor], params: Mapping[str, Tensor],
+    *, partial: bool = False,
 ) -> GradientTransformation:
     """``lr`` in any form ``adapt`` takes, as one optimizer, checked against the params.
 
     ``start`` is the number of steps a given ``state`` has taken already (0 without one).
+    A list of per-step rates covers exactly ``start + steps`` steps, or more
+    with ``partial`` (the loop goes on in a later call, from the state returned).
     """
     if is_optimizer(lr):
         return lr  # type: ignore[no-any-return]
     if isinstance(lr, (list, tuple)):
-        return per_step(_schedule(lr, steps, start, trainable, params))
+        return per_step(_schedule(lr, steps, start, partial, trainable, params))
     return scale_by_learning_rate(checked_rate(lr, "lr", trainable, params))
 
 
@@ -141,13 +144,19 @@ def _check_entry(
 
 
 def _schedule(
-    lr: Sequence[Any], steps: int, start: int, trainable: Mapping[str, Tensor], params: Mapping[str, Tensor]
+    lr: Sequence[Any],
+    steps: int,
+    start: int,
+    partial: bool,
+    trainable: Mapping[str, Tensor],
+    params: Mapping[str, Tensor],
 ) -> List[Any]:
-    if len(lr) != start + steps:
+    if len(lr) < start + steps or (len(lr) > start + steps and not partial):
         runs = f"steps={steps} after the {start} steps of the given `state`" if start else f"steps={steps}"
         raise FparamsValueError(
             f"`lr` is a sequence of {len(lr)} per-step rates but {runs}; give one rate per inner "
-            f"step, or a single rate for all of them."
+            f"step, or a single rate for all of them (more rates than steps only with return_state=True, "
+            f"to go on from the state in a later call)."
         )
     for i, entry in enumerate(lr):
         if is_optimizer(entry):
