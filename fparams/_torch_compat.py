@@ -29,6 +29,12 @@ What, who uses it, and the fallback where it is missing:
   mistakes): torch's own message surfaces, unexplained.
 * dynamo's exception types (``_compile``: a compile failure, or the user's own
   error?): the module that defines the exception's class decides.
+* a tensor's ``_version`` counter (``_checkpoint``: an input changed in place
+  before a checkpointed step is recomputed): every tensor reads 0, and such
+  changes go undetected.
+* dynamo's frame counter (``_compile``: did part of the function run before
+  compilation failed?): 0, and a failure after a graph break falls back to eager
+  as before.
 * ``torch._dynamo``, imported up front on torch < 2.4 (``implicit``): there an
   ``autograd.Function`` imports it on its first call, and that import fails
   when the call runs under a functorch transform (torch 2.3 then leaves it
@@ -48,7 +54,7 @@ import inspect
 import sys
 import weakref
 from types import FrameType
-from typing import Any, Callable, ContextManager, Iterator, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -294,7 +300,7 @@ def import_dynamo_if_lazy_import_breaks() -> None:
 
 # --- adapt ---
 # Version counters, functorch wrappers and autograd graph reachability (``_inner``,
-# ``_checkpoint``), and dynamo's frame counter and backend lookup (``_compile``).
+# ``_checkpoint``), and dynamo's frame counter (``_compile``).
 
 
 def version(t: torch.Tensor) -> int:
@@ -330,21 +336,21 @@ def requires_grad_somewhere(t: torch.Tensor) -> bool:
         t = FUNCTORCH.get_unwrapped(t)
 
 
-def reached_by(output: torch.Tensor, inputs: "list[torch.Tensor]", stops: "list[torch.Tensor]") -> "list[bool]":
+def reached_by(output: torch.Tensor, inputs: List[torch.Tensor], stops: List[torch.Tensor]) -> List[bool]:
     """Which of ``inputs`` ``output``'s autograd graph reaches, by a walk of its nodes.
 
     Each input is found by its own node (``grad_fn``, or the ``AccumulateGrad``
     of a leaf); the walk does not go below an input's node, nor below the node
     of a tensor in ``stops`` (tensors whose history is known not to matter).
     """
-    wanted = {}
-    leaves = {}
+    wanted: Dict[Any, int] = {}
+    leaves: Dict[int, int] = {}
     for i, t in enumerate(inputs):
         if t.grad_fn is not None:
             wanted[t.grad_fn] = i
         else:
             leaves[id(t)] = i
-    seen = {t.grad_fn for t in stops if t.grad_fn is not None}
+    seen: Set[Any] = {t.grad_fn for t in stops if t.grad_fn is not None}
     found = [False] * len(inputs)
     todo = [output.grad_fn] if output.grad_fn is not None else []
     while todo:
@@ -371,11 +377,3 @@ def dynamo_frames() -> int:
     except (KeyError, TypeError):  # pragma: no cover - depends on the torch version
         return 0
 
-
-def compiler_backend(backend: Any) -> Callable[..., Any]:
-    """The backend callable ``torch.compile(backend=backend)`` uses (a name or a callable)."""
-    if callable(backend):
-        return backend  # type: ignore[no-any-return]
-    from torch._dynamo import lookup_backend
-
-    return lookup_backend(backend)  # type: ignore[no-any-return]

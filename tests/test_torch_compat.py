@@ -72,3 +72,30 @@ def test_the_probes_found_this_torchs_privates() -> None:
     assert compat.MODULE_SLOTS
     assert compat.current_function_mode() is None  # no mode active here
     assert compat.caller_frame(0) is sys._getframe()
+
+
+# --- adapt ---
+
+
+def test_version_counters_functorch_unwrapping_and_graph_reachability() -> None:
+    import torch
+
+    t = torch.zeros(2)
+    before = compat.version(t)
+    t.add_(1)
+    assert compat.version(t) == before + 1
+    assert compat.version(object()) == 0  # type: ignore[arg-type] - the fallback where torch has none
+    a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    view = b.view_as(b)
+    loss = (a * 2).sum()
+    assert compat.reached_by(loss, [a, view], []) == [True, False]
+    assert compat.reached_by(loss, [a], [a]) == [False]  # nothing below a stop
+    seen = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append((compat.requires_grad_somewhere(x), compat.unwrapped(x).shape))
+        return x
+
+    torch.func.vmap(probe)(torch.ones(3, 2, requires_grad=True))
+    assert seen == [(True, torch.Size([3, 2]))]
+    assert isinstance(compat.dynamo_frames(), int)
