@@ -89,7 +89,8 @@ def test_version_counters_functorch_unwrapping_and_graph_reachability() -> None:
     view = b.view_as(b)
     loss = (a * 2).sum()
     assert compat.reached_by(loss, [a, view], []) == [True, False]
-    assert compat.reached_by(loss, [a], [a]) == [False]  # nothing below a stop
+    c = a * 1
+    assert compat.reached_by((c * 2).sum(), [a], [c]) == [False]  # nothing below a stop
     seen = []
 
     def probe(x: torch.Tensor) -> torch.Tensor:
