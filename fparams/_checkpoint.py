@@ -50,7 +50,8 @@ from torch import Tensor
 
 from ._errors import FparamsRuntimeError
 from ._grads import grad_route
-from ._torch_compat import FUNCTORCH, batched_at, pytree, version
+from ._torch_compat import FUNCTORCH, batched_at, version
+from ._torch_compat import trees as pytree
 
 #: ``label(path) -> str``: what the input at ``path`` (a tuple of indices and keys
 #: into the step's ``(carry, ctx)``) is, for the in-place error.
@@ -215,7 +216,8 @@ def checkpointed_step(
     if grad_route() == "vmap":
         return _under_vmap(body, carry, ctx, buffers, label)
     leaves = _labelled((carry, ctx), label)
-    return _Region(body, (carry, ctx), buffers, [(t, name) for t, name in leaves if isinstance(t, Tensor)]).run(buffers)
+    inputs = [(t, name) for t, name in leaves if isinstance(t, Tensor)]
+    return _Region(body, (carry, ctx), buffers, inputs).run(buffers)
 
 
 def _labelled(tree: Any, label: Label) -> List[Tuple[Any, str]]:

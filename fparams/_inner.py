@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, FrozenSet, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -18,10 +18,11 @@ from . import _torch_compat as compat
 from ._checkpoint import check_checkpoint, checkpointed_step
 from ._checks import check_callable, check_dict, check_flag, check_int, describe, warn_in_user_code
 from ._errors import FparamsTypeError, FparamsValueError, public
-from ._grads import grad_route, inner_grad, inner_grad_with_aux
+from ._grads import grad_route
+from ._inner_step import Carry, Usage, checkpointed_body, grad_fn, label, one_step
 from ._norms import innermost_exact_norms
 from ._rates import PerStepState, as_transformation, is_optimizer
-from ._torch_compat import is_captured_update_error, is_compiling, is_nonscalar_grad_error
+from ._torch_compat import is_compiling
 from ._transforms import partition
 from ._types import Filter, Params, TensorDict
 from .optim import GradientTransformation, OptState
@@ -69,7 +70,8 @@ class AdaptedState(NamedTuple):
     Examples:
         >>> import torch, fparams
         >>> loss = lambda p: (p["w"] ** 2).sum()
-        >>> fast, state = fparams.adapt(loss, {"w": torch.ones(1)}, lr=fparams.optim.adam(0.1), return_state=True)
+        >>> opt = fparams.optim.adam(0.1)
+        >>> fast, state = fparams.adapt(loss, {"w": torch.ones(1)}, lr=opt, return_state=True)
         >>> state.adam.step
         tensor(1)
     """
@@ -171,7 +173,9 @@ def adapt(
     return _adapt(loss_fn, params, args, lr, options)
 
 
-def _adapt(loss_fn: Callable[..., Any], params: TensorDict, args: Tuple[Any, ...], lr: Any, o: _Options) -> Any:
+def _adapt(
+    loss_fn: Callable[..., Any], params: TensorDict, args: Tuple[Any, ...], lr: Any, o: _Options
+) -> Any:
     """:func:`adapt` without the public name: fparams' own callers call this."""
     _check_call(loss_fn, params, args, o)
     trainable, frozen = _select(params, o.filter)
@@ -184,17 +188,17 @@ def _adapt(loss_fn: Callable[..., Any], params: TensorDict, args: Tuple[Any, ...
     if norms is not None:
         # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.
         loss_fn = norms.around(loss_fn)
-    grads_for = functools.partial(_grad_fn, loss_fn, create_graph, o.buffers is not None, o.has_aux, _Usage())
+    grads_for = functools.partial(grad_fn, loss_fn, create_graph, o.buffers is not None, o.has_aux, Usage())
     carry: Carry = (trainable, state, None)
     with norms.suspended() if norms is not None else contextlib.nullcontext():
         if checkpoint:  # the vmap route's gradient function is made inside the step's own vmap
-            body = functools.partial(_checkpointed_body, grads_for, opt, o.first_order)
+            body = functools.partial(checkpointed_body, grads_for, opt, o.first_order)
             for ctx in contexts:
-                carry = checkpointed_step(body, carry, ctx, o.buffers, _label)
+                carry = checkpointed_step(body, carry, ctx, o.buffers, label)
         else:
             grads_fn = grads_for(route)
             for i, ctx in enumerate(contexts):
-                carry = _one_step(grads_fn, opt, o.first_order, i > 0, carry, ctx, o.buffers)
+                carry = one_step(grads_fn, opt, o.first_order, i > 0, carry, ctx, o.buffers)
     fast, state, aux = carry
     # the caller's key order, so that zipping names with values stays safe
     out = {k: fast[k] if k in fast else frozen[k] for k in params}
@@ -220,7 +224,8 @@ def _check_call(loss_fn: Any, params: Any, args: Tuple[Any, ...], o: _Options) -
         return
     if isinstance(o.batches, (str, bytes, Tensor)) or not isinstance(o.batches, Sequence):
         raise FparamsTypeError(
-            f"`batches` must be a list with one tuple of loss_fn arguments per step; got {describe(o.batches)}."
+            "`batches` must be a list with one tuple of loss_fn arguments per step; "
+            f"got {describe(o.batches)}."
         )
     if args:
         raise FparamsValueError(
@@ -253,14 +258,15 @@ def _select(params: TensorDict, filter: Optional[Filter]) -> Tuple[Params, Param
     needs = {k for k, t in params.items() if compat.requires_grad_somewhere(t)}
     if not needs or len(needs) == len(params):  # no frozen layer (or all detached): all adapt
         return dict(params), {}
-    return {k: t for k, t in params.items() if k in needs}, {k: t for k, t in params.items() if k not in needs}
+    trainable = {k: t for k, t in params.items() if k in needs}
+    return trainable, {k: t for k, t in params.items() if k not in needs}
 
 
 def _initial_state(opt: GradientTransformation, trainable: Params, given: Any) -> Any:
     fresh = opt.init(trainable)
     if given is None:
         return fresh
-    got, want = compat.pytree.tree_structure(given), compat.pytree.tree_structure(fresh)
+    got, want = compat.trees.tree_structure(given), compat.trees.tree_structure(fresh)
     if got != want:
         raise FparamsTypeError(
             f"`state` does not fit `lr` and the adapted params: expected the structure of "
@@ -294,142 +300,3 @@ def _plan(params: TensorDict, first_order: bool, checkpoint: bool) -> Tuple[str,
             )
             checkpoint = False
     return route, create_graph, checkpoint
-
-
-#: What an inner step carries to the next: the adapted params, the optimizer
-#: state and, with ``has_aux``, the aux of the step (None before any).
-Carry = Tuple[Params, Any, Any]
-#: What else a step reads: the params that do not adapt, and loss_fn's arguments.
-Ctx = Tuple[Params, Tuple[Any, ...]]
-
-
-class _Usage:
-    """Which adapted params the loss reaches, found once, on the first step's graph.
-
-    A param the loss never uses gets no gradient (``p.grad is None`` in torch),
-    so it is left out of the grads given to the optimizer, which then neither
-    moves it nor changes its state. Found on the routes that build an autograd
-    graph (``"autograd"``, ``"vmap"``); under ``torch.func.grad`` unused params
-    get zero gradients, as torch.func gives them.
-    """
-
-    def __init__(self) -> None:
-        self.pending = True
-        self.used: Optional[FrozenSet[str]] = None
-
-    def record(self, out: Any, fast: Params, frozen: Params, has_aux: bool) -> None:
-        self.pending = False
-        loss = out[0] if has_aux and isinstance(out, tuple) and out else out
-        if not isinstance(loss, Tensor):
-            return  # the gradient function reports it
-        names = list(fast)
-        reached = compat.reached_by(
-            compat.unwrapped(loss),
-            [compat.unwrapped(fast[k]) for k in names],
-            [compat.unwrapped(t) for t in frozen.values()],
-        )
-        if not all(reached):
-            self.used = frozenset(k for k, r in zip(names, reached) if r)
-
-    def keep(self, grads: Params) -> Params:
-        used = self.used
-        return grads if used is None else {k: g for k, g in grads.items() if k in used}
-
-
-def _grad_fn(
-    loss_fn: Callable[..., Any], create_graph: bool, with_buffers: bool, has_aux: bool, usage: _Usage, route: str
-) -> Callable[..., Any]:
-    """``grads(fast, frozen, buffers, *args, owned=...)`` of ``loss_fn`` by ``route``.
-
-    With ``has_aux`` it returns ``(grads, aux)``.
-    """
-
-    def inner(fast: Params, frozen: Params, b: Optional[TensorDict], *a: Any) -> Any:
-        merged = {**fast, **frozen}
-        out = loss_fn(merged, *a, buffers=b) if with_buffers else loss_fn(merged, *a)
-        if usage.pending and route != "func":
-            usage.record(out, fast, frozen, has_aux)
-        return out
-
-    make = inner_grad_with_aux if has_aux else inner_grad
-    return functools.partial(_explained, make(inner, route, create_graph), usage)
-
-
-def _one_step(
-    grads_fn: Callable[..., Any],
-    opt: GradientTransformation,
-    first_order: bool,
-    owned: bool,
-    carry: Carry,
-    ctx: Ctx,
-    buffers: Optional[TensorDict],
-) -> Carry:
-    """One inner step: ``carry = (params, optimizer state, aux)`` to the next carry."""
-    fast, state, _ = carry
-    frozen, args = ctx
-    out = grads_fn(fast, frozen, buffers, *args, owned=owned)  # owned: the tensors are ours
-    grads, aux = out if isinstance(out, tuple) else (out, None)  # (grads, aux) with has_aux
-    if first_order:
-        grads = {k: g.detach() for k, g in grads.items()}
-    updates, state = opt.update(grads, state, fast)
-    return _apply(fast, updates), state, aux
-
-
-def _apply(params: Params, updates: Mapping[str, Tensor]) -> Params:
-    # params keep their dtype: an update of another dtype (a float64 rate on
-    # float32 params, float32 updates on a bf16 model) is cast, differentiably
-    return {
-        k: p if k not in updates else p + updates[k] if updates[k].dtype == p.dtype else p + updates[k].to(p.dtype)
-        for k, p in params.items()
-    }
-
-
-def _checkpointed_body(
-    grads_for: Callable[[str], Callable[..., Any]],
-    opt: GradientTransformation,
-    first_order: bool,
-    carry: Carry,
-    ctx: Ctx,
-    buffers: Optional[TensorDict],
-) -> Carry:
-    # Runs on the first run and when recomputed: the route is read here,
-    # since the vmap route's level is the step's own.
-    return _one_step(grads_for(grad_route()), opt, first_order, False, carry, ctx, buffers)
-
-
-def _label(path: Sequence[Any]) -> str:
-    """What a checkpointed step's input at ``path`` in ``(carry, ctx)`` is, for error messages."""
-    part, field = path[0], path[1] if len(path) > 1 else None
-    if part == 0 and field == 0 or part == 1 and field == 0:
-        return f"params[{path[2]!r}]" if len(path) > 2 else "params"
-    if part == 0 and field == 1:
-        return "the optimizer state"
-    if part == 1 and field == 1:
-        return f"loss_fn's argument {path[2]} (args[{path[2]}])" if len(path) > 2 else "loss_fn's arguments"
-    return "an input of the step"
-
-
-def _explained(grad_fn: Callable[..., Any], usage: _Usage, fast: Params, *a: Any, owned: bool = False) -> Any:
-    # torch.func's own messages for the two mistakes users make most, in our words.
-    try:
-        out = grad_fn(fast, *a, owned=owned)
-    except RuntimeError as err:
-        text = str(err)
-        if is_captured_update_error(err):
-            raise FparamsValueError(
-                "a layer updated a tensor in place that the inner loop does not "
-                "own (usually BatchNorm's running statistics in train mode). Pass the buffers "
-                "explicitly: fparams.adapt(loss_fn, params, ..., buffers=b) with "
-                "loss_fn(params, ..., buffers) calling arch(params, x, buffers=buffers); or use "
-                "batch statistics only (map_tasks(..., batch_stats=True) / "
-                "fparams.exact_norms(batch_stats=True)), or module.eval(). "
-                f"torch said: {text.splitlines()[0]}"
-            ) from None
-        if is_nonscalar_grad_error(err):
-            raise FparamsValueError(
-                f"`loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); torch said: {text.splitlines()[0]}"
-            ) from None
-        raise
-    if isinstance(out, tuple):
-        return usage.keep(out[0]), out[1]
-    return usage.keep(out)

@@ -352,7 +352,7 @@ def reached_by(output: torch.Tensor, inputs: List[torch.Tensor], stops: List[tor
             leaves[id(t)] = i
     seen: Set[Any] = {t.grad_fn for t in stops if t.grad_fn is not None}
     found = [False] * len(inputs)
-    todo = [output.grad_fn] if output.grad_fn is not None else []
+    todo: List[Any] = [output.grad_fn] if output.grad_fn is not None else []
     while todo:
         node = todo.pop()
         if node is None or node in seen:
@@ -377,3 +377,7 @@ def dynamo_frames() -> int:
     except (KeyError, TypeError):  # pragma: no cover - depends on the torch version
         return 0
 
+
+
+#: ``torch.utils._pytree`` under a name that ``mypy --strict`` sees as exported.
+trees = pytree

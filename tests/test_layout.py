@@ -35,6 +35,7 @@ LAYERS = {
     "_inner": 6,
     # --- adapt ---
     "_rates": 6,
+    "_inner_step": 6,
     "implicit": 7,
     "_tasks": 8,
     "_maml": 8,
