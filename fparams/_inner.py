@@ -249,7 +249,7 @@ def _select(params: TensorDict, filter: Optional[Filter]) -> Tuple[Params, Param
         trainable, frozen = partition(params, filter)
         if not trainable:
             raise FparamsValueError("`filter` selects no parameter, so nothing would adapt.")
-        return trainable, frozen
+        return _floating(trainable), frozen
     if not params:
         raise FparamsValueError(
             "`params` is empty, so nothing would adapt; give the dict of tensors to adapt "
@@ -257,9 +257,20 @@ def _select(params: TensorDict, filter: Optional[Filter]) -> Tuple[Params, Param
         )
     needs = {k for k, t in params.items() if compat.requires_grad_somewhere(t)}
     if not needs or len(needs) == len(params):  # no frozen layer (or all detached): all adapt
-        return dict(params), {}
+        return _floating(dict(params)), {}
     trainable = {k: t for k, t in params.items() if k in needs}
     return trainable, {k: t for k, t in params.items() if k not in needs}
+
+
+def _floating(trainable: Params) -> Params:
+    for k, t in trainable.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            raise FparamsTypeError(
+                f"`params[{k!r}]` has dtype {t.dtype}, which has no gradient, so it cannot adapt. "
+                "Leave it out with `filter=` (or mark it frozen: requires_grad=False while others "
+                "require grad)."
+            )
+    return trainable
 
 
 def _initial_state(opt: GradientTransformation, trainable: Params, given: Any) -> Any:

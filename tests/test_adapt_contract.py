@@ -263,6 +263,16 @@ def test_params_values_must_be_tensors() -> None:
          lambda p: p, {"w": 3}, lr=0.1)
 
 
+def test_integer_params_cannot_adapt() -> None:
+    _bad(FparamsTypeError, "`params['n']` has dtype torch.int64, which has no gradient, so it cannot adapt. "
+         "Leave it out with `filter=`", lambda p: p["w"].sum(),
+         {"w": torch.ones(1), "n": torch.ones(1).long()}, lr=0.1)
+    # a frozen integer next to params that require grad is simply left alone
+    p = {"w": torch.ones(1, requires_grad=True), "n": torch.ones(1).long()}
+    fast = fparams.adapt(lambda q: (q["w"] * q["n"]).sum(), p, lr=0.1)
+    assert fast["n"] is p["n"]
+
+
 @pytest.mark.parametrize("flag", ["first_order", "checkpoint", "has_aux", "return_state"])
 def test_every_flag_must_be_a_bool(flag: str) -> None:
     _bad(FparamsTypeError, f"`{flag}` must be True or False; got str 'False'.",
