@@ -110,16 +110,18 @@ def _with_unused() -> Tuple[Dict[str, Tensor], Any, Tensor]:
     return params, loss, torch.randn(3, generator=g, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("checkpoint", [False, True])
 @pytest.mark.parametrize("strategy", ["plain", "loop", "vmap"])
-def test_unused_params_get_no_gradient_and_no_update(strategy: str) -> None:
+def test_unused_params_get_no_gradient_and_no_update(strategy: str, checkpoint: bool) -> None:
     params, loss, x = _with_unused()
     seen: List[List[str]] = []
     if strategy == "plain":
-        fast = fparams.adapt(loss, params, x, lr=_recording(seen), steps=2)
+        fast = fparams.adapt(loss, params, x, lr=_recording(seen), steps=2, checkpoint=checkpoint)
         assert fast["c"] is params["c"]
+        (fast["a"].sum() + fast["b"].sum()).backward()  # recomputed steps give the same keys
     else:
         def task(p: Dict[str, Tensor], xt: Tensor) -> Tensor:
-            return fparams.adapt(loss, p, xt, lr=_recording(seen), steps=2)["c"]
+            return fparams.adapt(loss, p, xt, lr=_recording(seen), steps=2, checkpoint=checkpoint)["c"]
 
         out = fparams.map_tasks(task, strategy=strategy)(params, x.expand(2, 3))
         torch.testing.assert_close(out, params["c"].detach().expand(2, 3), rtol=0, atol=0)
