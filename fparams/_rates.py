@@ -6,9 +6,9 @@ becomes that optimizer here, checked once before the loop:
 * an ``fparams.optim`` optimizer (a :class:`~fparams.optim.GradientTransformation`,
   or any object with ``init`` and ``update`` that is not a list or a tuple): as it is;
 * a number, a tensor (a learned rate) or a dict of per-parameter rates
-  (Meta-SGD): ``fparams.optim.scale_by_learning_rate(lr)``, the update
-  ``-lr * g`` of ``fparams.optim.sgd(lr)`` (bit for bit, without sgd's
-  momentum buffer, which plain steps do not need);
+  (Meta-SGD): :func:`scaled`, the update ``-lr * g`` of
+  ``fparams.optim.sgd(lr)`` (bit for bit, without sgd's momentum buffer,
+  which plain steps do not need);
 * a list or tuple of such rates, one per step (MAML++): :func:`per_step`,
   whose state counts the steps taken, so a loop split over several calls
   (``adapt(..., state=s)``) goes on with the next rate.
@@ -24,10 +24,9 @@ from torch import Tensor
 
 from ._checks import check_hyper, check_lr, check_rate_keys, check_rate_shapes, describe, keys_text
 from ._errors import FparamsTypeError, FparamsValueError
-from .optim import EmptyState, GradientTransformation, scale_by_learning_rate
-from .optim._base import described
+from .optim import EmptyState, GradientTransformation
 
-__all__ = ["PerStepState", "as_transformation", "is_optimizer", "per_step"]
+__all__ = ["PerStepState", "as_transformation", "is_optimizer", "per_step", "scaled"]
 
 
 def is_optimizer(obj: object) -> bool:
@@ -66,7 +65,7 @@ def per_step(rates: Sequence[Any]) -> GradientTransformation:
         >>> u0["w"], u1["w"], state.step
         (tensor([-0.5000]), tensor([-0.2500]), 2)
     """
-    parts = [scale_by_learning_rate(r) for r in rates]
+    parts = [scaled(r) for r in rates]
     empty = EmptyState()
 
     def init(params: Mapping[str, Tensor]) -> PerStepState:
@@ -83,7 +82,37 @@ def per_step(rates: Sequence[Any]) -> GradientTransformation:
         updates, _ = parts[state.step].update(grads, empty, params)
         return updates, PerStepState(state.step + 1)
 
-    return described(init, update, f"per_step({len(parts)} rates)")
+    return GradientTransformation(init, update)
+
+
+def scaled(lr: Any) -> GradientTransformation:
+    """``-lr * g`` per name (``lr`` a checked number, tensor, or dict by name): sgd's update.
+
+    The arithmetic of ``fparams.optim.scale_by_learning_rate`` (so the same
+    numbers as ``fparams.optim.sgd(lr)``), without its per-step checks and
+    without registering a description: ``adapt`` builds it on every call,
+    also inside ``torch.compile``, which must not trace a weak-reference table.
+
+    Examples:
+        >>> import torch
+        >>> from fparams._rates import scaled
+        >>> opt = scaled(0.5)
+        >>> opt.update({"w": torch.ones(1)}, opt.init({"w": torch.ones(1)}))[0]
+        {'w': tensor([-0.5000])}
+    """
+    empty = EmptyState()
+
+    def init(params: Mapping[str, Tensor]) -> EmptyState:
+        return empty
+
+    def update(
+        grads: Mapping[str, Tensor], state: Any, params: Optional[Mapping[str, Tensor]] = None
+    ) -> Tuple[Dict[str, Tensor], Any]:
+        if isinstance(lr, Mapping):
+            return {k: -lr[k] * g for k, g in grads.items()}, state
+        return {k: -lr * g for k, g in grads.items()}, state
+
+    return GradientTransformation(init, update)
 
 
 def as_transformation(
@@ -100,7 +129,7 @@ def as_transformation(
         return lr  # type: ignore[no-any-return]
     if isinstance(lr, (list, tuple)):
         return per_step(_schedule(lr, steps, start, partial, trainable, params))
-    return scale_by_learning_rate(checked_rate(lr, "lr", trainable, params))
+    return scaled(checked_rate(lr, "lr", trainable, params))
 
 
 def checked_rate(

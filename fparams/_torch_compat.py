@@ -331,7 +331,9 @@ def requires_grad_somewhere(t: torch.Tensor) -> bool:
     while True:
         if t.requires_grad:
             return True
-        if FUNCTORCH is None or not FUNCTORCH.is_wrapped(t):
+        # dynamo cannot trace functorch's wrapper checks (a graph break): under
+        # torch.compile the tensor's own flag decides
+        if FUNCTORCH is None or is_compiling() or not FUNCTORCH.is_wrapped(t):
             return False
         t = FUNCTORCH.get_unwrapped(t)
 
