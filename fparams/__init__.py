@@ -89,3 +89,8 @@ __all__ = [
     "update_module",
     "zeros_like",
 ]
+
+# --- adapt ---
+from ._inner import Adapted, AdaptedAux, AdaptedState  # noqa: E402
+
+__all__ += ["Adapted", "AdaptedAux", "AdaptedState"]

@@ -30,18 +30,32 @@ Recomputation replays the step exactly: the same inputs, the RNG state of the
 first run (dropout draws the same masks), and copies of the ``buffers`` as
 they were before the step (the statistics are updated once per step, as
 without checkpointing). A replay that saves different tensors raises.
+
+In-place changes: without checkpointing, torch raises when a tensor it saved
+for the backward pass was changed in place before that pass. Here the step's
+inputs (the params and optimizer state it starts from, the frozen params, the
+support data) are what the recomputation reads; their version counters are
+recorded when the step has run and checked before it is recomputed, and a
+change raises an :class:`~fparams.FparamsRuntimeError` naming the input,
+where the recomputation would otherwise silently differentiate other data.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ._grads import _batched, grad_route
-from ._torch_compat import FUNCTORCH, pytree
+from ._errors import FparamsRuntimeError
+from ._grads import grad_route
+from ._torch_compat import FUNCTORCH, batched_at, version
+from ._torch_compat import trees as pytree
+
+#: ``label(path) -> str``: what the input at ``path`` (a tuple of indices and keys
+#: into the step's ``(carry, ctx)``) is, for the in-place error.
+Label = Callable[[Sequence[Any]], str]
 
 #: ``body(carry, ctx, buffers) -> carry``: one inner step. ``ctx`` holds every
 #: other tensor the step reads (rates, frozen params, the task's arguments), so
@@ -74,9 +88,14 @@ class _Region:
     """
 
     def __init__(
-        self, fn: Callable[..., Any], args: Tuple[Any, ...], buffers: Optional[Mapping[str, Tensor]]
+        self,
+        fn: Callable[..., Any],
+        args: Tuple[Any, ...],
+        buffers: Optional[Mapping[str, Tensor]],
+        inputs: List[Tuple[Tensor, str]],
     ) -> None:
-        self.fn, self.args = fn, args
+        self.fn, self.args, self.inputs = fn, args, inputs
+        self.versions: List[int] = []
         self.buffers = None if buffers is None else {k: t.detach().clone() for k, t in buffers.items()}
         self.devices = sorted({t.device for t in pytree.tree_leaves(args) if isinstance(t, Tensor)}, key=str)
         self.rng = _rng_state(self.devices)
@@ -85,6 +104,8 @@ class _Region:
     def run(self, buffers: Any) -> Any:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             out = self.fn(*self.args, buffers)
+        # after the run: a change the step made itself is part of what it computed
+        self.versions = [version(t) for t, _ in self.inputs]
         for ref in self.slots:
             saved = ref()
             if saved is not None:
@@ -102,7 +123,21 @@ class _Region:
         assert saved.tensor is not None
         return saved.tensor
 
+    def _check_unchanged(self) -> None:
+        for (t, label), before in zip(self.inputs, self.versions):
+            now = version(t)
+            if now != before:
+                raise FparamsRuntimeError(
+                    f"{label}, an input of an inner step run with checkpoint=True, was changed in "
+                    f"place after the step ran (its version went from {before} to {now}), so the "
+                    f"backward pass would differentiate other values than the step used. Change it "
+                    f"after the backward pass, change a copy (x.clone()), or pass checkpoint=False "
+                    f"(torch then raises its own in-place error).",
+                    function="adapt",
+                )
+
     def _recompute(self) -> None:
+        self._check_unchanged()
         index = 0
 
         def pack(tensor: Tensor) -> _Saved:
@@ -134,12 +169,13 @@ def _unpack_own(saved: _Saved) -> Tensor:
     return saved.tensor
 
 
-def _replay_error(what: str) -> RuntimeError:
-    return RuntimeError(
-        f"fparams.adapt(checkpoint=True): an inner step, recomputed for the backward pass, {what}, "
+def _replay_error(what: str) -> FparamsRuntimeError:
+    return FparamsRuntimeError(
+        f"an inner step run with checkpoint=True, recomputed for the backward pass, {what}, "
         f"so it did not run the same computation again. The loss must compute the same thing "
         f"from the same inputs (no Python state that changes between calls); pass "
-        f"checkpoint=False otherwise."
+        f"checkpoint=False otherwise.",
+        function="adapt",
     )
 
 
@@ -160,8 +196,8 @@ def check_checkpoint(route: str) -> None:
     """Raise where activation checkpointing cannot run: under a torch.func transform."""
     if route in ("autograd", "vmap"):
         return
-    raise RuntimeError(
-        "fparams.adapt: checkpoint=True cannot run under a torch.func transform (grad, vjp, "
+    raise FparamsRuntimeError(
+        "checkpoint=True cannot run under a torch.func transform (grad, vjp, "
         "jacrev, jvp, or a vmap nested in another): activation checkpointing works through "
         "autograd's saved-tensor hooks, which torch.func's grad transforms refuse. Take the "
         "meta-gradient with .backward() or fparams.meta_value_and_grad (eager; both use plain "
@@ -169,14 +205,35 @@ def check_checkpoint(route: str) -> None:
     )
 
 
-def checkpointed_step(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]]) -> Any:
-    """``body(carry, ctx, buffers)``, with its saved tensors recomputed in the backward pass."""
+def checkpointed_step(
+    body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]], label: Label
+) -> Any:
+    """``body(carry, ctx, buffers)``, with its saved tensors recomputed in the backward pass.
+
+    ``label`` names the inputs in ``(carry, ctx)`` for the error raised where one
+    of them was changed in place before the recomputation.
+    """
     if grad_route() == "vmap":
-        return _under_vmap(body, carry, ctx, buffers)
-    return _Region(body, (carry, ctx), buffers).run(buffers)
+        return _under_vmap(body, carry, ctx, buffers, label)
+    leaves = _labelled((carry, ctx), label)
+    inputs = [(t, name) for t, name in leaves if isinstance(t, Tensor)]
+    return _Region(body, (carry, ctx), buffers, inputs).run(buffers)
 
 
-def _under_vmap(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]]) -> Any:
+def _labelled(tree: Any, label: Label) -> List[Tuple[Any, str]]:
+    """Every leaf of ``tree`` with its label; ``(leaf, "")`` for non-tensors."""
+    paths, _ = pytree.tree_flatten_with_path(tree)
+    return [(leaf, label(_keys(path)) if isinstance(leaf, Tensor) else "") for path, leaf in paths]
+
+
+def _keys(path: Sequence[Any]) -> Tuple[Any, ...]:
+    # pytree's key entries (SequenceKey, MappingKey, GetAttrKey) as plain indices and names
+    return tuple(getattr(k, "idx", getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _under_vmap(
+    body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]], label: Label
+) -> Any:
     # Checkpoint on the physical tensors beneath the active vmap level; the
     # step runs in a vmap of its own, which exists again at recomputation.
     _ft: Any = FUNCTORCH  # the vmap route runs only where the functorch helpers were found
@@ -187,7 +244,7 @@ def _under_vmap(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str,
         physical: List[Any] = []
         dims: List[Optional[int]] = []
         for leaf in flat:
-            if isinstance(leaf, Tensor) and _batched(leaf, level):
+            if isinstance(leaf, Tensor) and batched_at(leaf, level):
                 value, dim = _ft.unwrap_batched(leaf, level)
                 physical.append(value)
                 dims.append(int(dim))
@@ -211,7 +268,10 @@ def _under_vmap(body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str,
 
         # the physical buffers, with their tasks on dim 0 like everything here
         state = pytree.tree_unflatten(physical, spec)[2]
-        out = _Region(run, (physical,), state).run(state)
+        # the step's inputs, the buffers left out (the recomputation uses its own copy)
+        named = _labelled((carry, ctx), label)
+        inputs = [(p, name) for p, (_, name) in zip(physical, named) if isinstance(p, Tensor)]
+        out = _Region(run, (physical,), state, inputs).run(state)
     tree, kept = out_spec
     tensors = iter(out)
     leaves = [_ft.add_batch_dim(next(tensors), 0, level) if k is None else k[0] for k in kept]

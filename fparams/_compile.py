@@ -1,4 +1,4 @@
-"""``torch.compile`` with a clear, one-time fallback to eager execution."""
+"""``torch.compile`` with a clear, one-time fallback to eager execution, that never runs code twice."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from ._checks import warn_in_user_code
-from ._torch_compat import is_compile_error
+from ._checks import check_callable, warn_in_user_code
+from ._errors import FparamsRuntimeError, public
+from ._torch_compat import dynamo_frames, is_compile_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -17,6 +18,7 @@ class CompileFallbackWarning(UserWarning):
     """``torch.compile`` could not compile a function; it runs eagerly instead."""
 
 
+@public("compile")
 def compile_fallback(fn: F, **compile_kwargs: Any) -> F:
     """``torch.compile(fn)``, falling back to eager ``fn`` where compilation fails.
 
@@ -30,12 +32,22 @@ def compile_fallback(fn: F, **compile_kwargs: Any) -> F:
     error eager ``fn`` raises on them surfaces instead, and compilation stays
     on too. ``compile_kwargs`` go to ``torch.compile``.
 
+    User code never runs twice: where the failure comes after part of ``fn``
+    ran already (a graph break, then a later graph that fails to compile), the
+    call is not repeated eagerly (its side effects, a BatchNorm's counter or
+    an ``opt.step()``, would happen twice); an
+    :class:`~fparams.FparamsRuntimeError` says so, and later calls run eagerly.
+    (dynamo tells apart only what it compiled during the failing call: a
+    function whose first part was compiled by an earlier call and whose later
+    part alone fails to recompile is still repeated.)
+
     Examples:
         >>> import torch, fparams
         >>> f = fparams.compile(lambda x: torch.sin(x) * 2)
         >>> float(f(torch.zeros(())))
         0.0
     """
+    check_callable("fn", fn, "to compile")
     compiled = torch.compile(fn, **compile_kwargs)
     eager = False
 
@@ -44,23 +56,37 @@ def compile_fallback(fn: F, **compile_kwargs: Any) -> F:
         nonlocal eager
         if eager:
             return fn(*args, **kwargs)
+        before = dynamo_frames()
         try:
             return compiled(*args, **kwargs)
         except Exception as err:
             if not is_compile_error(err):
                 raise  # the function's own error: compilation is not at fault
             failure = err
+        name = getattr(fn, "__qualname__", repr(fn))
+        if dynamo_frames() - before > 1:  # a frame ran, then a later one failed to compile
+            eager = True
+            raise FparamsRuntimeError(
+                f"torch.compile failed on {name} after part of it had run ({_first_line(failure)}). "
+                f"It is not run again eagerly, since that would repeat what already ran (in-place "
+                f"updates, optimizer steps); later calls run eagerly. Make the function compile as a "
+                f"whole (torch.compile(..., fullgraph=True) shows where it breaks), or call it eagerly.",
+                function="compile",
+            ) from failure
         # Eager fn decides: if it raises too, the inputs were at fault, not the compiler.
         out = fn(*args, **kwargs)
         eager = True
-        name = getattr(fn, "__qualname__", repr(fn))
-        text = str(failure).strip()
-        first = text.splitlines()[0] if text else ""
         warn_in_user_code(
-            f"fparams.compile: torch.compile failed on {name} ({type(failure).__name__}: "
-            f"{first[:300]}); running it eagerly from now on.",
+            f"fparams.compile: torch.compile failed on {name} ({_first_line(failure)}); "
+            f"running it eagerly from now on.",
             CompileFallbackWarning,
         )
         return out
 
     return run  # type: ignore[return-value]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(err).__name__}: {first[:300]}"

@@ -1,88 +1,105 @@
-"""The pure inner loop: a few differentiable gradient steps on a params dict."""
+"""The pure inner loop: a few differentiable optimizer steps on a params dict.
+
+:func:`adapt` normalises its inputs once, then runs one loop: every form of
+``lr`` is one :class:`~fparams.optim.GradientTransformation` (``_rates.py``),
+every step is ``grads -> transformation.update -> params + updates``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import numbers
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union, overload
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _torch_compat as compat
 from ._checkpoint import check_checkpoint, checkpointed_step
-from ._checks import (
-    check_dict,
-    check_flag,
-    check_int,
-    check_lr,
-    check_rate_keys,
-    check_rate_shapes,
-    reports_errors_here,
-    warn_in_user_code,
-)
-from ._grads import grad_route, inner_grad, inner_grad_with_aux
+from ._checks import check_callable, check_dict, check_flag, check_int, describe, warn_in_user_code
+from ._errors import FparamsTypeError, FparamsValueError, public
+from ._grads import grad_route
+from ._inner_step import Carry, Usage, checkpointed_body, grad_fn, label, one_step
 from ._norms import innermost_exact_norms
-from ._torch_compat import is_captured_update_error, is_compiling, is_nonscalar_grad_error
+from ._rates import PerStepState, as_transformation, is_optimizer
+from ._torch_compat import is_compiling
 from ._transforms import partition
-from ._types import LR, Filter, Params, TensorDict
+from ._types import Filter, Params, TensorDict
+from .optim import GradientTransformation, OptState
+
+__all__ = ["Adapted", "AdaptedAux", "AdaptedState", "adapt", "is_optimizer"]
 
 
-def is_optimizer(obj: object) -> bool:
-    """Does ``obj`` look like an ``fparams.optim`` rule (``init`` + ``update``)?"""
-    return callable(getattr(obj, "init", None)) and callable(getattr(obj, "update", None))
+class Adapted(NamedTuple):
+    """What ``adapt(..., has_aux=True, return_state=True)`` returns: ``fast, aux, state = ...``.
+
+    Examples:
+        >>> import torch, fparams
+        >>> p = {"w": torch.ones(2, requires_grad=True)}
+        >>> loss = lambda p: ((p["w"] ** 2).sum(), p["w"].detach())
+        >>> out = fparams.adapt(loss, p, lr=fparams.optim.sgd(0.25), has_aux=True, return_state=True)
+        >>> out.params["w"], out.aux
+        (tensor([0.5000, 0.5000], grad_fn=<AddBackward0>), tensor([1., 1.]))
+        >>> fast, aux, state = out
+        >>> type(state).__name__
+        'SgdState'
+    """
+
+    params: Params
+    aux: Any
+    state: OptState
 
 
-def check_rates(
-    where: str, lr: Any, names: Mapping[str, object], all_names: Mapping[str, object]
-) -> Dict[str, Any]:
-    """One learning rate per trainable name, validated once before the loop."""
-    rates = check_lr(where, lr, optimizer_ok=True, per_step_ok=True)
-    if rates is not None:
-        check_rate_keys(where, rates, names, all_names)
-        return {k: rates[k] for k in names}
-    return dict.fromkeys(names, lr)
+class AdaptedAux(NamedTuple):
+    """What ``adapt(..., has_aux=True)`` returns: ``fast, aux = ...`` (or ``.params``, ``.aux``).
+
+    Examples:
+        >>> import torch, fparams
+        >>> loss = lambda p: ((p["w"] ** 2).sum(), p["w"] * 2)
+        >>> fparams.adapt(loss, {"w": torch.ones(1)}, lr=0.25, has_aux=True)
+        AdaptedAux(params={'w': tensor([0.5000])}, aux=tensor([2.]))
+    """
+
+    params: Params
+    aux: Any
 
 
-@overload
+class AdaptedState(NamedTuple):
+    """What ``adapt(..., return_state=True)`` returns: ``fast, state = ...`` (or ``.params``, ``.state``).
+
+    Examples:
+        >>> import torch, fparams
+        >>> loss = lambda p: (p["w"] ** 2).sum()
+        >>> opt = fparams.optim.adam(0.1)
+        >>> fast, state = fparams.adapt(loss, {"w": torch.ones(1)}, lr=opt, return_state=True)
+        >>> state.adam.step
+        tensor(1)
+    """
+
+    params: Params
+    state: OptState
+
+
+class _Options(NamedTuple):
+    """adapt's keyword options, checked once (``_check_options``)."""
+
+    steps: int
+    first_order: bool
+    filter: Optional[Filter]
+    buffers: Optional[TensorDict]
+    checkpoint: bool
+    has_aux: bool
+    return_state: bool
+    state: Any
+    batches: Optional[Sequence[Any]]
+
+
+@public("adapt")
 def adapt(
     loss_fn: Callable[..., Any],
     params: TensorDict,
     *args: Any,
-    lr: Union[LR, Sequence[LR]],
-    steps: int = ...,
-    first_order: bool = ...,
-    filter: Optional[Filter] = ...,
-    buffers: Optional[TensorDict] = ...,
-    checkpoint: bool = ...,
-    has_aux: Literal[False] = ...,
-    return_state: Literal[False] = ...,
-) -> Params: ...
-
-
-@overload
-def adapt(
-    loss_fn: Callable[..., Any],
-    params: TensorDict,
-    *args: Any,
-    lr: Union[LR, Sequence[LR]],
-    steps: int = ...,
-    first_order: bool = ...,
-    filter: Optional[Filter] = ...,
-    buffers: Optional[TensorDict] = ...,
-    checkpoint: bool = ...,
-    has_aux: bool = ...,
-    return_state: bool = ...,
-) -> Any: ...
-
-
-@reports_errors_here
-def adapt(
-    loss_fn: Callable[..., Any],
-    params: TensorDict,
-    *args: Any,
-    lr: Union[LR, Sequence[LR]],
+    lr: Any,
     steps: int = 1,
     first_order: bool = False,
     filter: Optional[Filter] = None,
@@ -90,68 +107,51 @@ def adapt(
     checkpoint: bool = False,
     has_aux: bool = False,
     return_state: bool = False,
+    state: Any = None,
+    batches: Optional[Sequence[Any]] = None,
 ) -> Any:
-    """Take ``steps`` differentiable gradient steps on ``loss_fn(params, *args)``.
+    """Take ``steps`` differentiable optimizer steps on ``loss_fn(params, *args)``.
 
     It runs under ``torch.func.vmap`` (one adaptation per task, see
     :func:`fparams.map_tasks`), under an outer ``torch.func.grad`` or
     ``.backward()`` (the meta-gradient flows through every step) and under
-    ``torch.compile``. The inner gradients come from ``torch.autograd.grad``
-    where no transform is active, from one ``autograd.grad`` over all tasks
-    under a single ``vmap``, and from ``torch.func.grad`` otherwise (see
-    ``fparams/_grads.py``); all give the same numbers. In eager code with no
-    transform, a layer in train mode updates its running statistics at each
-    step, as a hand-written inner loop does.
+    ``torch.compile``. See ``docs/guides/adapt.md`` for every form of ``lr``,
+    frozen and unused parameters, and the in-place rule of ``checkpoint``.
 
     Args:
         loss_fn: ``loss_fn(params, *args) -> scalar tensor`` (with
             ``has_aux=True``, ``-> (scalar tensor, aux)``).
         params: the starting parameters (a dict, e.g. from :func:`fparams.split`).
+            Where some require grad and others do not, only those that do adapt
+            (torch.optim's frozen layers); ``filter`` chooses explicitly.
         *args: passed to ``loss_fn`` at every step (the support set).
-        lr: a number, a tensor (a learned rate), a dict with one tensor per
-            adapted parameter (Meta-SGD), or an ``fparams.optim`` optimizer
-            such as ``fparams.optim.adam(1e-2)``. A list or tuple with one
-            such rate (not an optimizer) per step gives per-step rates
-            (MAML++): step ``i`` uses ``lr[i]``, and learned entries get
-            meta-gradients; its length must be ``steps``.
+        lr: an ``fparams.optim`` optimizer (``fparams.optim.adam(1e-2)``); a
+            number, a tensor (a learned rate) or a dict of per-parameter rates
+            (Meta-SGD), which are ``fparams.optim.sgd(lr)`` steps; or a list with
+            one such rate per step (MAML++; learned entries get meta-gradients).
         steps: number of inner steps.
         first_order: stop gradients through the inner gradients (FOMAML).
-        filter: which parameters adapt (e.g. ``"head.*"`` for ANIL); the rest
-            stay as they are and still receive outer gradients.
-        buffers: state that layers update in place during the inner loop
-            (BatchNorm running statistics). When given, it is passed to every
-            call as ``loss_fn(params, *args, buffers=buffers)``; under
-            ``torch.func.grad`` it is an input of each gradient call, which is
-            what lets a layer update it there (a captured tensor cannot be).
+        filter: which parameters adapt (e.g. ``"head.*"`` for ANIL), whatever
+            their ``requires_grad``; the rest stay and still get outer gradients.
+        buffers: state that layers update in place (BatchNorm running
+            statistics), passed as ``loss_fn(params, *args, buffers=buffers)``.
         checkpoint: recompute each step's activations in the backward pass
-            instead of keeping them (exact: the same meta-gradient). Memory
-            then grows by one copy of the params (and optimizer state) per
-            step instead of one step's whole graph, for about one more
-            forward and backward pass per step. It runs
-            with plain autograd (``.backward()``, eager
-            :func:`fparams.meta_value_and_grad`) and under one ``vmap``
-            (:func:`fparams.map_tasks`, every strategy); under an outer
-            ``torch.func`` grad transform it raises, since the saved-tensor
-            hooks it needs cannot run there. It changes nothing where there
-            is no second-order graph to the params to keep
-            (``first_order=True``, no grad mode, no param that requires
-            grad) and inside ``torch.compile``, which traces the whole
-            computation into a graph of its own.
-            Layers that update module buffers in place other than through
-            ``buffers`` (BatchNorm in train mode without ``buffers=``) update
-            them once more when a step is recomputed; pass ``buffers=``.
-        has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of the last
-            inner step (computed at the parameters before that step's
-            update, e.g. support-set predictions or accuracy) is returned
-            too, or ``None`` where ``steps=0``.
-        return_state: also return the inner optimizer's state after the last
-            step (``lr`` must be an ``fparams.optim`` optimizer); it covers
-            the adapted parameters (those ``filter`` selects).
+            instead of keeping them (the same meta-gradient, less memory); the
+            step's inputs must not change in place before the backward pass
+            (an ``FparamsRuntimeError`` there says which changed).
+        has_aux: ``loss_fn`` returns ``(loss, aux)``; the aux of the last step
+            (``None`` where ``steps=0``) is returned too.
+        return_state: also return the optimizer's state after the last step.
+        state: an optimizer state to continue from (what ``return_state=True``
+            returned), so that one inner loop can be split over several calls.
+        batches: one tuple of ``loss_fn`` arguments per step instead of
+            ``*args`` (higher's ``diffopt.step`` on a new batch each step).
 
     Returns:
-        A new dict with every name of ``params``; with ``has_aux`` and/or
-        ``return_state``, a tuple in that order: ``(params, aux)``,
-        ``(params, state)`` or ``(params, aux, state)``.
+        The adapted params, a new dict with every name of ``params``; with
+        ``has_aux`` and/or ``return_state``, a NamedTuple: :class:`AdaptedAux`
+        ``(params, aux)``, :class:`AdaptedState` ``(params, state)`` or
+        :class:`Adapted` ``(params, aux, state)``.
 
     Examples:
         >>> import torch, fparams
@@ -161,37 +161,143 @@ def adapt(
         >>> fast = fparams.adapt(mse, params, x, y, lr=0.1, steps=3)
         >>> bool(mse(fast, x, y) < mse(params, x, y))
         True
-        >>> def mse_aux(p, x, y):
-        ...     out = arch(p, x)
-        ...     return (out - y).pow(2).mean(), out.detach()
-        >>> fast, preds = fparams.adapt(mse_aux, params, x, y, lr=[0.1, 0.05], steps=2, has_aux=True)
-        >>> preds.shape
-        torch.Size([8, 1])
+        >>> out = fparams.adapt(mse, params, x, y, lr=fparams.optim.adam(0.1), steps=2, return_state=True)
+        >>> out.state.adam.step
+        tensor(2)
+        >>> fast, state = fparams.adapt(mse, out.params, x, y, lr=fparams.optim.adam(0.1), state=out.state,
+        ...                             return_state=True)
+        >>> state.adam.step
+        tensor(3)
     """
-    where = "fparams.adapt"
-    check_dict(where, "params", params)
-    check_int(where, "steps", steps, 0)
-    trainable, frozen = partition(params, filter) if filter is not None else (dict(params), {})
-    if not trainable:
-        raise ValueError(f"{where}: `filter` selects no parameter, so nothing would adapt.")
-    if return_state and not is_optimizer(lr):
-        raise ValueError(
-            f"{where}: return_state=True needs `lr` to be an fparams.optim optimizer (e.g. "
-            f"fparams.optim.adam(1e-2)); got {type(lr).__name__}, whose plain gradient steps keep no state."
-        )
-    schedule = _per_step_rates(where, lr, steps, trainable, params) if _is_schedule(lr) else None  # type: ignore[arg-type]
+    options = _Options(steps, first_order, filter, buffers, checkpoint, has_aux, return_state, state, batches)
+    return _adapt(loss_fn, params, args, lr, options)
 
+
+def _adapt(
+    loss_fn: Callable[..., Any], params: TensorDict, args: Tuple[Any, ...], lr: Any, o: _Options
+) -> Any:
+    """:func:`adapt` without the public name: fparams' own callers call this."""
+    _check_call(loss_fn, params, args, o)
+    trainable, frozen = _select(params, o.filter)
+    start = o.state.step if isinstance(o.state, PerStepState) else 0
+    opt = as_transformation(lr, o.steps, start, trainable, params, partial=o.return_state)
+    state = _initial_state(opt, trainable, o.state)
+    route, create_graph, checkpoint = _plan(params, o.first_order, o.checkpoint)
+    contexts = [(frozen, args if o.batches is None else tuple(o.batches[i])) for i in range(o.steps)]
+    norms = innermost_exact_norms()
+    if norms is not None:
+        # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.
+        loss_fn = norms.around(loss_fn)
+    grads_for = functools.partial(grad_fn, loss_fn, create_graph, o.buffers is not None, o.has_aux, Usage())
+    carry: Carry = (trainable, state, None)
+    with norms.suspended() if norms is not None else contextlib.nullcontext():
+        if checkpoint:  # the vmap route's gradient function is made inside the step's own vmap
+            body = functools.partial(checkpointed_body, grads_for, opt, o.first_order)
+            for ctx in contexts:
+                carry = checkpointed_step(body, carry, ctx, o.buffers, label)
+        else:
+            grads_fn = grads_for(route)
+            for i, ctx in enumerate(contexts):
+                carry = one_step(grads_fn, opt, o.first_order, i > 0, carry, ctx, o.buffers)
+    fast, state, aux = carry
+    # the caller's key order, so that zipping names with values stays safe
+    out = {k: fast[k] if k in fast else frozen[k] for k in params}
+    if o.has_aux and o.return_state:
+        return Adapted(out, aux, state)
+    if o.has_aux:
+        return AdaptedAux(out, aux)
+    return AdaptedState(out, state) if o.return_state else out
+
+
+def _check_call(loss_fn: Any, params: Any, args: Tuple[Any, ...], o: _Options) -> None:
+    check_callable("loss_fn", loss_fn, "loss_fn(params, *args) -> scalar tensor")
+    check_dict("params", params)
+    for k, t in params.items():
+        if not isinstance(t, Tensor):
+            raise FparamsTypeError(f"`params[{k!r}]` is {describe(t)}; every value must be a tensor.")
+    check_int("steps", o.steps, 0)
+    for name in ("first_order", "checkpoint", "has_aux", "return_state"):
+        check_flag(name, getattr(o, name))
+    if o.buffers is not None:
+        check_dict("buffers", o.buffers)
+    if o.batches is None:
+        return
+    if isinstance(o.batches, (str, bytes, Tensor)) or not isinstance(o.batches, Sequence):
+        raise FparamsTypeError(
+            "`batches` must be a list with one tuple of loss_fn arguments per step; "
+            f"got {describe(o.batches)}."
+        )
+    if args:
+        raise FparamsValueError(
+            f"give the support data either as *args (the same every step) or as `batches` (one per "
+            f"step), not both; got {len(args)} positional argument(s) and `batches`."
+        )
+    if len(o.batches) != o.steps:
+        raise FparamsValueError(
+            f"`batches` has {len(o.batches)} entries but steps={o.steps}; give one batch per inner step."
+        )
+    for i, batch in enumerate(o.batches):
+        if not isinstance(batch, (tuple, list)):
+            raise FparamsTypeError(
+                f"`batches[{i}]` must be a tuple of loss_fn arguments, e.g. (x, y); got {describe(batch)}."
+            )
+
+
+def _select(params: TensorDict, filter: Optional[Filter]) -> Tuple[Params, Params]:
+    """``(trainable, frozen)``: ``filter``'s choice, else the params that require grad."""
+    if filter is not None:
+        trainable, frozen = partition(params, filter)
+        if not trainable:
+            raise FparamsValueError("`filter` selects no parameter, so nothing would adapt.")
+        return _floating(trainable), frozen
+    if not params:
+        raise FparamsValueError(
+            "`params` is empty, so nothing would adapt; give the dict of tensors to adapt "
+            "(e.g. from fparams.split(module))."
+        )
+    needs = {k for k, t in params.items() if compat.requires_grad_somewhere(t)}
+    if not needs or len(needs) == len(params):  # no frozen layer (or all detached): all adapt
+        return _floating(dict(params)), {}
+    trainable = {k: t for k, t in params.items() if k in needs}
+    return trainable, {k: t for k, t in params.items() if k not in needs}
+
+
+def _floating(trainable: Params) -> Params:
+    for k, t in trainable.items():
+        if not (t.is_floating_point() or t.is_complex()):
+            raise FparamsTypeError(
+                f"`params[{k!r}]` has dtype {t.dtype}, which has no gradient, so it cannot adapt. "
+                "Leave it out with `filter=` (or mark it frozen: requires_grad=False while others "
+                "require grad)."
+            )
+    return trainable
+
+
+def _initial_state(opt: GradientTransformation, trainable: Params, given: Any) -> Any:
+    fresh = opt.init(trainable)
+    if given is None:
+        return fresh
+    got, want = compat.trees.tree_structure(given), compat.trees.tree_structure(fresh)
+    if got != want:
+        raise FparamsTypeError(
+            f"`state` does not fit `lr` and the adapted params: expected the structure of "
+            f"lr.init(params) ({type(fresh).__name__}), got {type(given).__name__}. Pass the state "
+            f"that adapt(..., return_state=True) returned with the same `lr` and `filter`."
+        )
+    return given
+
+
+def _plan(params: TensorDict, first_order: bool, checkpoint: bool) -> Tuple[str, bool, bool]:
+    """The gradient route, whether to build a second-order graph, and whether to checkpoint."""
     # The route depends only on the transforms active now: chosen once, not per step.
     route = grad_route()
     create_graph = torch.is_grad_enabled() and not first_order
-    if create_graph and not any(t.requires_grad for t in params.values()):
+    any_grad = any(t.requires_grad for t in params.values())
+    if create_graph and not any_grad:
         route = "func"  # see grad_route: no graph from fresh leaves onto the results
     # Checkpointing saves memory only where a second-order graph to the params is
-    # recorded (with none requiring grad there is no meta-gradient to bound), and
-    # torch.compile traces a graph of its own: there the step is left as it is.
-    check_flag(where, "checkpoint", checkpoint)
-    checkpoint = checkpoint and create_graph and not is_compiling()
-    checkpoint = checkpoint and any(t.requires_grad for t in params.values())
+    # recorded, and torch.compile traces a graph of its own: there the step stays as it is.
+    checkpoint = checkpoint and create_graph and not is_compiling() and any_grad
     if checkpoint:
         check_checkpoint(route)
         if route == "vmap" and not compat.SAVED_HOOKS_UNDER_VMAP:
@@ -204,152 +310,4 @@ def adapt(
                 UserWarning,
             )
             checkpoint = False
-    norms = innermost_exact_norms()
-    if norms is not None:
-        # Only loss_fn can call a normalization: the bookkeeping runs outside the mode.
-        loss_fn = norms.around(loss_fn)
-    grads_for = functools.partial(_grad_fn, loss_fn, create_graph, buffers is not None, has_aux)
-    with norms.suspended() if norms is not None else contextlib.nullcontext():
-        if is_optimizer(lr):
-            opt: Any = lr
-            carry: Carry = (trainable, opt.init(trainable), None)
-            update: Optional[Callable[..., Tuple[Params, Any]]] = functools.partial(_optimizer_update, opt)
-            rates: Any = None
-        elif schedule is not None:
-            carry, update, rates = (trainable, None, None), None, None
-        else:
-            rates = check_rates(where, lr, trainable, params)
-            check_rate_shapes(where, rates, trainable)
-            carry, update = (trainable, None, None), None
-        # one rate dict per step: the same one, or the schedule's entry (per-step rates)
-        contexts = [(rates if schedule is None else schedule[i], frozen, args) for i in range(steps)]
-        if checkpoint:  # the vmap route's gradient function is made inside the step's own vmap
-            body = functools.partial(_checkpointed_body, grads_for, update, first_order)
-            for ctx in contexts:
-                carry = checkpointed_step(body, carry, ctx, buffers)
-        else:
-            grads_fn = grads_for(route)
-            for i, ctx in enumerate(contexts):
-                carry = _one_step(grads_fn, update, first_order, i > 0, carry, ctx, buffers)
-        trainable, state, aux = carry
-    # the caller's key order, so that zipping names with values stays safe
-    fast = {k: trainable[k] if k in trainable else frozen[k] for k in params}
-    if not (has_aux or return_state):
-        return fast
-    return (fast,) + ((aux,) if has_aux else ()) + ((state,) if return_state else ())
-
-
-#: What an inner step carries to the next: the adapted params, the optimizer
-#: state (None for plain steps) and, with ``has_aux``, the aux of the step (None before any).
-Carry = Tuple[Params, Any, Any]
-
-
-def _is_schedule(lr: Any) -> bool:
-    # a GradientTransformation is a NamedTuple: a tuple, but one optimizer
-    return isinstance(lr, (list, tuple)) and not is_optimizer(lr)
-
-
-def _per_step_rates(
-    where: str, lr: Sequence[Any], steps: int, names: Mapping[str, object], all_names: Mapping[str, object]
-) -> List[Dict[str, Any]]:
-    """Per-step learning rates (MAML++): one checked rate dict per step."""
-    if len(lr) != steps:
-        raise ValueError(
-            f"{where}: `lr` is a sequence of {len(lr)} per-step rates but steps={steps}; give one "
-            f"rate per inner step, or a single rate for all of them."
-        )
-    schedule = []
-    for i, entry in enumerate(lr):
-        if is_optimizer(entry):
-            raise TypeError(
-                f"{where}: `lr[{i}]` is an optimizer; per-step rates are numbers, tensors or dicts "
-                f"of tensors. Pass a single fparams.optim optimizer as `lr` instead."
-            )
-        rates = check_rates(f"{where}: `lr[{i}]`", entry, names, all_names)
-        check_rate_shapes(f"{where}: `lr[{i}]`", rates, names)  # type: ignore[arg-type]
-        schedule.append(rates)
-    return schedule
-
-
-def _grad_fn(
-    loss_fn: Callable[..., Any], create_graph: bool, with_buffers: bool, has_aux: bool, route: str
-) -> Callable[..., Any]:
-    """``grads(fast, frozen, buffers, *args, owned=...)`` of ``loss_fn`` by ``route``.
-
-    With ``has_aux`` it returns ``(grads, aux)``.
-    """
-    def inner(fast: Params, frozen: Params, b: Optional[TensorDict], *a: Any) -> Any:
-        if with_buffers:
-            return loss_fn({**fast, **frozen}, *a, buffers=b)
-        return loss_fn({**fast, **frozen}, *a)
-
-    make = inner_grad_with_aux if has_aux else inner_grad
-    return functools.partial(_explained, make(inner, route, create_graph))
-
-
-def _one_step(
-    grads_fn: Callable[..., Params],
-    update: Optional[Callable[..., Tuple[Params, Any]]],
-    first_order: bool,
-    owned: bool,
-    carry: Carry,
-    ctx: Tuple[Any, Params, Tuple[Any, ...]],
-    buffers: Optional[TensorDict],
-) -> Carry:
-    """One inner step: ``carry = (trainable, optimizer state, aux)`` to the next carry."""
-    trainable, state, _ = carry
-    rates, frozen, args = ctx
-    out = grads_fn(trainable, frozen, buffers, *args, owned=owned)  # owned: the tensors are ours
-    grads, aux = out if isinstance(out, tuple) else (out, None)  # (grads, aux) with has_aux
-    if first_order:
-        grads = {k: g.detach() for k, g in grads.items()}
-    if update is None:
-        return {k: _step(p, rates[k], grads[k]) for k, p in trainable.items()}, None, aux
-    return (*update(grads, state, trainable), aux)
-
-
-def _checkpointed_body(
-    grads_for: Callable[[str], Callable[..., Params]],
-    update: Optional[Callable[..., Tuple[Params, Any]]],
-    first_order: bool,
-    carry: Carry,
-    ctx: Tuple[Any, Params, Tuple[Any, ...]],
-    buffers: Optional[TensorDict],
-) -> Carry:
-    # Runs on the first run and when recomputed: the route is read here,
-    # since the vmap route's level is the step's own.
-    return _one_step(grads_for(grad_route()), update, first_order, False, carry, ctx, buffers)
-
-
-def _explained(grad_fn: Callable[..., Params], fast: Params, *a: Any, owned: bool = False) -> Params:
-    # torch.func's own messages for the two mistakes users make most, in our words.
-    try:
-        return grad_fn(fast, *a, owned=owned)
-    except RuntimeError as err:
-        text = str(err)
-        if is_captured_update_error(err):
-            raise ValueError(
-                "fparams.adapt: a layer updated a tensor in place that the inner loop does not "
-                "own (usually BatchNorm's running statistics in train mode). Pass the buffers "
-                "explicitly: fparams.adapt(loss_fn, params, ..., buffers=b) with "
-                "loss_fn(params, ..., buffers) calling arch(params, x, buffers=buffers); or use "
-                "batch statistics only (map_tasks(..., batch_stats=True) / "
-                "fparams.exact_norms(batch_stats=True)), or module.eval(). "
-                f"torch said: {text.splitlines()[0]}"
-            ) from None
-        if is_nonscalar_grad_error(err):
-            raise ValueError(
-                "fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); "
-                f"torch said: {text.splitlines()[0]}"
-            ) from None
-        raise
-
-
-def _step(p: Tensor, rate: Any, grad: Tensor) -> Tensor:
-    # one op for a number, where ``p - rate * grad`` takes two
-    return p.sub(grad, alpha=float(rate)) if isinstance(rate, numbers.Real) else p - rate * grad
-
-
-def _optimizer_update(opt: Any, grads: Params, state: Any, trainable: Params) -> Tuple[Params, Any]:
-    updates, state = opt.update(grads, state, trainable)
-    return {k: p + updates[k] for k, p in trainable.items()}, state
+    return route, create_graph, checkpoint

@@ -29,6 +29,12 @@ What, who uses it, and the fallback where it is missing:
   mistakes): torch's own message surfaces, unexplained.
 * dynamo's exception types (``_compile``: a compile failure, or the user's own
   error?): the module that defines the exception's class decides.
+* a tensor's ``_version`` counter (``_checkpoint``: an input changed in place
+  before a checkpointed step is recomputed): every tensor reads 0, and such
+  changes go undetected.
+* dynamo's frame counter (``_compile``: did part of the function run before
+  compilation failed?): 0, and a failure after a graph break falls back to eager
+  as before.
 * ``torch._dynamo``, imported up front on torch < 2.4 (``implicit``): there an
   ``autograd.Function`` imports it on its first call, and that import fails
   when the call runs under a functorch transform (torch 2.3 then leaves it
@@ -50,7 +56,7 @@ import sys
 import warnings  # --- tasks ---
 import weakref
 from types import FrameType
-from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple  # --- tasks ---
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -506,3 +512,80 @@ def reaches_other_leaves(out: torch.Tensor, inputs: Sequence[torch.Tensor]) -> b
 
 #: ``pytree`` again, as a module attribute that ``mypy --strict`` sees as exported (an import is not).
 tree_utils = pytree
+# --- adapt ---
+# Version counters, functorch wrappers and autograd graph reachability (``_inner``,
+# ``_checkpoint``), and dynamo's frame counter (``_compile``).
+
+
+def batched_at(t: torch.Tensor, level: int) -> bool:
+    """Is ``t`` a ``vmap`` BatchedTensor of functorch level ``level``?"""
+    return FUNCTORCH is not None and bool(FUNCTORCH.maybe_get_level(t) == level)
+
+
+def unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its functorch wrappers (vmap's batched, grad's tracking): the physical tensor."""
+    if FUNCTORCH is None:  # pragma: no cover - depends on the torch build
+        return t
+    while FUNCTORCH.is_wrapped(t):
+        t = FUNCTORCH.get_unwrapped(t)
+    return t
+
+
+def requires_grad_somewhere(t: torch.Tensor) -> bool:
+    """Does ``t``, or a tensor it wraps, require grad? (vmap's wrapper reads False even
+    where the physical tensor beneath requires grad.)"""
+    while True:
+        if t.requires_grad:
+            return True
+        # dynamo cannot trace functorch's wrapper checks (a graph break): under
+        # torch.compile the tensor's own flag decides
+        if FUNCTORCH is None or is_compiling() or not FUNCTORCH.is_wrapped(t):
+            return False
+        t = FUNCTORCH.get_unwrapped(t)
+
+
+def reached_by(output: torch.Tensor, inputs: List[torch.Tensor], stops: List[torch.Tensor]) -> List[bool]:
+    """Which of ``inputs`` ``output``'s autograd graph reaches, by a walk of its nodes.
+
+    Each input is found by its own node (``grad_fn``, or the ``AccumulateGrad``
+    of a leaf); the walk does not go below an input's node, nor below the node
+    of a tensor in ``stops`` (tensors whose history is known not to matter).
+    """
+    wanted: Dict[Any, int] = {}
+    leaves: Dict[int, int] = {}
+    for i, t in enumerate(inputs):
+        if t.grad_fn is not None:
+            wanted[t.grad_fn] = i
+        else:
+            leaves[id(t)] = i
+    seen: Set[Any] = {t.grad_fn for t in stops if t.grad_fn is not None}
+    found = [False] * len(inputs)
+    todo: List[Any] = [output.grad_fn] if output.grad_fn is not None else []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node in wanted:
+            found[wanted[node]] = True
+            continue
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None and id(variable) in leaves:
+            found[leaves[id(variable)]] = True
+        todo.extend(n for n, _ in node.next_functions)
+    return found
+
+
+def dynamo_frames() -> int:
+    """How many frames dynamo has tried to convert in this process (0 without dynamo)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    try:
+        return int(counters["frames"]["total"]) if counters is not None else 0
+    except (KeyError, TypeError):  # pragma: no cover - depends on the torch version
+        return 0
+
+
+
+#: ``torch.utils._pytree`` under a name that ``mypy --strict`` sees as exported.
+trees = pytree

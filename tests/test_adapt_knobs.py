@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Tuple
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 import fparams
+from fparams import FparamsTypeError, FparamsValueError
 from tests.helpers import assert_dicts_close, grads_wrt, leaves, task_data, task_slice
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -180,20 +182,22 @@ def test_per_step_rates_equal_a_single_rate_when_constant() -> None:
 def test_per_step_rate_errors() -> None:
     arch, params, data = _setup()
     mse, xs, ys = _mse(arch), data[0][0], data[1][0]
-    with pytest.raises(
-        ValueError, match=r"fparams.adapt: `lr` is a sequence of 2 per-step rates but steps=3"
-    ):
-        fparams.adapt(mse, params, xs, ys, lr=[0.1, 0.2], steps=3)
-    with pytest.raises(TypeError, match=r"fparams.adapt: `lr\[1\]` is an optimizer"):
-        fparams.adapt(mse, params, xs, ys, lr=[0.1, fparams.optim.sgd(0.1)], steps=2)
-    with pytest.raises(TypeError, match=r"fparams.adapt: `lr\[0\]`: `lr` must be a number"):
-        fparams.adapt(mse, params, xs, ys, lr=["0.1"], steps=1)
-    with pytest.raises(ValueError, match=r"`lr\[1\]`: `lr` is a dict .* Missing key\(s\): '2.bias'\."):
-        fparams.adapt(mse, params, xs, ys, lr=[0.1, {k: 0.1 for k in list(params)[:3]}], steps=2)
-    with pytest.raises(ValueError, match=r"`lr\[0\]`: the learning rate for '0.bias' has shape \(4, 1\)"):
-        fparams.adapt(mse, params, xs, ys, lr=[torch.ones(4, 1, dtype=torch.float64)], steps=1)
-    with pytest.raises(ValueError, match=r"`lr\[0\]`: the learning rate for '0.weight' has shape \(5,\)"):
-        fparams.adapt(mse, params, xs, ys, lr=[torch.ones(5, dtype=torch.float64)], steps=1)
+
+    def raises(kind: Any, message: str, lr: Any, steps: int) -> None:
+        with pytest.raises(kind, match=re.escape("fparams.adapt: " + message)):
+            fparams.adapt(mse, params, xs, ys, lr=lr, steps=steps)
+
+    raises(FparamsValueError, "`lr` is a sequence of 2 per-step rates but steps=3; give one", [0.1, 0.2], 3)
+    raises(FparamsTypeError, "`lr[1]` is an optimizer", [0.1, fparams.optim.sgd(0.1)], 2)
+    raises(FparamsTypeError, "`lr[0]` must be a number, a tensor or a dict of per-parameter rates; "
+           "got str '0.1'.", ["0.1"], 1)
+    raises(FparamsValueError, "`lr[0]` must be a finite number >= 0; got -0.1.", [-0.1], 1)
+    raises(FparamsValueError, "`lr[1]` is a dict of per-parameter rates but does not fit the params. "
+           "Missing key(s): '2.bias'.", [0.1, {k: 0.1 for k in list(params)[:3]}], 2)
+    raises(FparamsValueError, "the learning rate for '0.bias' has shape (4, 1)",
+           [torch.ones(4, 1, dtype=torch.float64)], 1)
+    raises(FparamsValueError, "the learning rate for '0.weight' has shape (5,)",
+           [torch.ones(5, dtype=torch.float64)], 1)
 
 
 # -- the inner optimizer's state -------------------------------------------------------
@@ -238,9 +242,12 @@ def test_return_state_under_vmap_and_filter() -> None:
     assert_dicts_close(vm, lp, **TOL)
 
 
-def test_return_state_needs_an_optimizer() -> None:
+def test_return_state_with_plain_rates_gives_their_state() -> None:
+    # every form of lr is one transformation, so return_state works for each
     arch, params, data = _setup()
-    with pytest.raises(
-        ValueError, match=r"fparams.adapt: return_state=True needs `lr` to be an fparams.optim"
-    ):
-        fparams.adapt(_mse(arch), params, data[0][0], data[1][0], lr=0.1, return_state=True)
+    mse, xs, ys = _mse(arch), data[0][0], data[1][0]
+    fast, state = fparams.adapt(mse, params, xs, ys, lr=0.1, steps=2, return_state=True)
+    assert state == fparams.optim.EmptyState()
+    assert_dicts_close(fast, fparams.adapt(mse, params, xs, ys, lr=0.1, steps=2), rtol=0, atol=0)
+    out = fparams.adapt(mse, params, xs, ys, lr=[0.1, 0.2], steps=2, return_state=True)
+    assert isinstance(out, fparams.AdaptedState) and out.state.step == 2

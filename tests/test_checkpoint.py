@@ -6,7 +6,8 @@ and against the hand-written inner loop (``ref_adapt``) where one applies.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+import re
+from typing import Any, Callable, Dict, Tuple
 
 import pytest
 import torch
@@ -278,3 +279,46 @@ def test_where_torch_refuses_hooks_under_vmap_the_steps_run_unrecomputed_with_a_
     with pytest.warns(UserWarning, match=r"refuses autograd.s saved-tensor hooks under vmap"):
         got = _meta_grads("vmap", True, params, mse, lr=0.3)
     assert_dicts_close(got, _meta_grads("vmap", False, params, mse, lr=0.3), **TOL)
+
+
+# -- in-place changes between the step and the backward pass (issue 16 item 1) ---------------
+
+
+def _inplace_case(route: str, what: str) -> Tuple[Tensor, Any]:
+    """A checkpointed meta-loss whose support data or param is then changed in place."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    arch, params, _ = fparams.split(net)
+    mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()  # noqa: E731
+    xs, ys = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 4, 1, dtype=torch.float64)
+    xq = xs.clone()  # the query set is another tensor: only the inner steps read xs
+
+    def task(p: Dict[str, Tensor], x: Tensor, y: Tensor, q: Tensor) -> Tensor:
+        return mse(fparams.adapt(mse, p, x, y, lr=0.1, steps=2, checkpoint=True), q, y)
+
+    strategy = "loop" if route == "autograd" else "vmap"
+    loss = fparams.map_tasks(task, strategy=strategy)(params, xs, ys, xq).sum()
+    return loss, xs if what == "support" else params["0.weight"]
+
+
+@pytest.mark.parametrize("what, label", [("support", "loss_fn's argument 0 (args[0])"),
+                                         ("param", "params['0.weight']")])
+@pytest.mark.parametrize("route", ["autograd", "vmap"])
+def test_an_input_changed_in_place_before_backward_raises(route: str, what: str, label: str) -> None:
+    # Before: the recomputed steps read the changed tensor, a meta-gradient 82% off, silently.
+    loss, changed = _inplace_case(route, what)
+    with torch.no_grad():
+        changed.add_(1.0)  # a data loader refilling its buffer / an optimizer step
+    with pytest.raises(fparams.FparamsRuntimeError, match=re.escape(
+        f"fparams.adapt: {label}, an input of an inner step run with checkpoint=True, was changed in "
+        f"place after the step ran"
+    )) as info:
+        loss.backward()
+    assert "pass checkpoint=False (torch then raises its own in-place error)" in str(info.value)
+    assert isinstance(info.value, RuntimeError)
+
+
+def test_an_unchanged_input_still_gives_the_gradient() -> None:
+    loss, changed = _inplace_case("autograd", "param")
+    loss.backward()  # nothing changed: no error
+    assert changed.grad is not None

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, Dict, List
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import fparams
 from tests.helpers import (
@@ -272,3 +273,68 @@ def test_the_fallback_warning_names_the_callers_line(monkeypatch: pytest.MonkeyP
         fparams.compile(lambda x: x * 2)(torch.ones(1))
     for w in [*record, *direct]:
         assert w.filename == __file__, w.filename
+
+
+# -- never run user code twice (issue 16 item 4) -----------------------------------------------
+
+
+def _fails_on_second_graph() -> Any:
+    # a backend that compiles the first graph and fails on the next one
+    graphs: List[Any] = []
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        graphs.append(gm)
+        if len(graphs) == 2:
+            raise RuntimeError("the second graph does not compile")
+        return gm.forward
+
+    return backend
+
+
+def test_a_failure_after_part_of_the_function_ran_is_not_rerun_eagerly() -> None:
+    # Before: the eager fallback ran the whole function again, so the BatchNorm's
+    # counter (or an opt.step() inside) moved twice.
+    torch._dynamo.reset()
+    bn = nn.BatchNorm1d(2)
+
+    def step(x: Tensor) -> Tensor:
+        y = bn(x).sin()  # the first graph: runs, and counts the batch
+        torch._dynamo.graph_break()
+        return y.cos()  # the second graph: fails to compile
+
+    f = fparams.compile(step, backend=_fails_on_second_graph())
+    with pytest.raises(fparams.FparamsRuntimeError, match=re.escape(
+        "fparams.compile: torch.compile failed on test_a_failure_after_part_of_the_function_ran_is_not_"
+        "rerun_eagerly.<locals>.step after part of it had run ("
+    )) as info:
+        f(torch.randn(4, 2))
+    assert "It is not run again eagerly, since that would repeat what already ran" in str(info.value)
+    assert int(bn.num_batches_tracked) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # later calls run eagerly, quietly
+        f(torch.randn(4, 2))
+    assert int(bn.num_batches_tracked) == 2
+
+
+def test_a_failure_before_anything_ran_still_falls_back() -> None:
+    torch._dynamo.reset()
+    calls: List[int] = []
+
+    def step(x: Tensor) -> Tensor:
+        calls.append(1)
+        return x.sin()
+
+    def backend(gm: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("nothing compiles")
+
+    f = fparams.compile(step, backend=backend)
+    with pytest.warns(fparams.CompileFallbackWarning, match="running it eagerly from now on"):
+        torch.testing.assert_close(f(torch.zeros(2)), torch.zeros(2))
+    assert len(calls) == 1  # dynamo's trace ran nothing: the eager call is the only run
+
+
+def test_compile_needs_a_callable() -> None:
+    with pytest.raises(fparams.FparamsTypeError, match=re.escape(
+        "fparams.compile: `fn` must be a callable to compile; got int."
+    )):
+        fparams.compile(3)  # type: ignore[type-var]

@@ -33,6 +33,9 @@ LAYERS = {
     "_grads": 5,
     "_checkpoint": 5,
     "_inner": 6,
+    # --- adapt ---
+    "_rates": 6,
+    "_inner_step": 6,
     "implicit": 7,
     "_tasks": 8,
     # --- tasks ---: "_tasks" is a package (batching, plan, fallback, map, compiled, meta_grad);

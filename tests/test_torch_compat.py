@@ -140,3 +140,29 @@ def test_torchs_vmap_texts_are_still_recognised() -> None:
     assert compat.unbatchable_op(user, [4]) is None  # a user's broadcast error: never a vmap limit
     lacking = RuntimeError("output with shape [2, 5] doesn't match the broadcast shape [3, 2, 5]")
     assert compat.unbatchable_op(lacking, [3]) == "an in-place op whose output has no task dimension"
+# --- adapt ---
+
+
+def test_version_counters_functorch_unwrapping_and_graph_reachability() -> None:
+    import torch
+
+    t = torch.zeros(2)
+    before = compat.version(t)
+    t.add_(1)
+    assert compat.version(t) == before + 1
+    assert compat.version(object()) == 0  # type: ignore[arg-type] - the fallback where torch has none
+    a, b = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    view = b.view_as(b)
+    loss = (a * 2).sum()
+    assert compat.reached_by(loss, [a, view], []) == [True, False]
+    c = a * 1
+    assert compat.reached_by((c * 2).sum(), [a], [c]) == [False]  # nothing below a stop
+    seen = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append((compat.requires_grad_somewhere(x), compat.unwrapped(x).shape))
+        return x
+
+    torch.func.vmap(probe)(torch.ones(3, 2, requires_grad=True))
+    assert seen == [(True, torch.Size([3, 2]))]
+    assert isinstance(compat.dynamo_frames(), int)
