@@ -22,11 +22,11 @@ from ._torch_compat import check_module_slots, is_compiling, refresh_rnn
 from ._types import Buffers, Params, TensorDict
 
 #: One lock per module, shared by every Architecture over it (a module split twice).
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
 _LOCKS_LOCK = threading.Lock()
 
 
-def _module_lock(module: nn.Module) -> "threading.RLock":
+def _module_lock(module: nn.Module) -> threading.RLock:
     """The lock that calls through any Architecture of ``module`` hold while they swap its slots."""
     with _LOCKS_LOCK:
         lock = _LOCKS.get(module)
@@ -126,7 +126,9 @@ class Architecture:
             _check_values(params, buffers)  # bad values get fparams' error; else the original
             raise
 
-    def _call(self, params: TensorDict, buffers: Optional[TensorDict], args: Tuple[Any, ...], kwargs: Any) -> Any:
+    def _call(
+        self, params: TensorDict, buffers: Optional[TensorDict], args: Tuple[Any, ...], kwargs: Any
+    ) -> Any:
         if not self._rnns and not is_compiling():
             if self._slots is None:
                 self._slots = _tensor_slots(self.module, self.param_names, self.buffer_names)

@@ -350,7 +350,8 @@ def rate_may_overflow(lr: object) -> bool:
     """Could a Python-number rate (or a dict holding one) overflow some floating dtype?"""
     values = lr.values() if isinstance(lr, Mapping) else (lr,)
     return any(
-        isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(float(v)) > SMALLEST_MAX for v in values
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(float(v)) > SMALLEST_MAX
+        for v in values
     )
 
 

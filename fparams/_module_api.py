@@ -22,9 +22,9 @@ from ._checks import (
     check_hyper,
     check_instance,
     check_rate_fits,
-    rate_may_overflow,
     check_rate_shapes,
     describe,
+    rate_may_overflow,
 )
 from ._errors import FparamsTypeError, FparamsValueError, public
 from ._state import TensorMemo, Tree, rebuild, rewrite, tree, unique_params
@@ -185,7 +185,9 @@ def _add_update_attr(name: str, t: Tensor) -> Tensor:
     return t + _cast(u, t)
 
 
-def _write(module: nn.Module, found: Dict[int, Tensor], memo: Optional[TensorMemo], modules: Tree) -> nn.Module:
+def _write(
+    module: nn.Module, found: Dict[int, Tensor], memo: Optional[TensorMemo], modules: Tree
+) -> nn.Module:
     """Replace each parameter ``p`` that has an update ``u`` in ``found`` by ``p + u``, in place."""
 
     def param(name: str, t: Tensor) -> Tensor:

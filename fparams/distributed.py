@@ -66,6 +66,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._checks import check_int
+from ._errors import FparamsRuntimeError, FparamsTypeError, FparamsValueError, public
 
 __all__ = [
     "all_reduce_buffers",
@@ -87,17 +88,18 @@ _HINT = (
 Entries = List[Tuple[str, Tensor]]
 
 
-def _require_group(where: str) -> None:
+def _require_group() -> None:
     if not dist.is_available():
-        raise RuntimeError(f"{where}: this build of torch has no torch.distributed support.")
+        raise FparamsRuntimeError("this build of torch has no torch.distributed support.")
     if not dist.is_initialized():
-        raise RuntimeError(f"{where}: the default process group is not initialised. {_HINT}")
+        raise FparamsRuntimeError(f"the default process group is not initialised. {_HINT}")
 
 
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+@public("distributed.init_from_env")
 def init_from_env(*, backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> bool:
     """Initialise the default process group from the variables ``torchrun`` sets.
 
@@ -122,10 +124,9 @@ def init_from_env(*, backend: Optional[str] = None, timeout: Optional[timedelta]
         >>> fd.init_from_env()  # run with plain `python`: no torchrun variables
         False
     """
-    where = "fparams.distributed.init_from_env"
     if timeout is not None and not isinstance(timeout, timedelta):
-        raise TypeError(
-            f"{where}: `timeout` must be a datetime.timedelta, e.g. timedelta(seconds=60); "
+        raise FparamsTypeError(
+            f"`timeout` must be a datetime.timedelta, e.g. timedelta(seconds=60); "
             f"got {type(timeout).__name__}."
         )
     if _initialized():
@@ -135,29 +136,29 @@ def init_from_env(*, backend: Optional[str] = None, timeout: Optional[timedelta]
         return False
     missing = [v for v in _ENV if v not in os.environ]
     if missing:
-        raise RuntimeError(
-            f"{where}: found {present} in the environment but not {missing}. torchrun sets all of "
+        raise FparamsRuntimeError(
+            f"found {present} in the environment but not {missing}. torchrun sets all of "
             f"them; when launching processes yourself, set every one."
         )
     if not dist.is_available():
-        raise RuntimeError(
-            f"{where}: torchrun variables are set, but this build of torch has no distributed."
+        raise FparamsRuntimeError(
+            "torchrun variables are set, but this build of torch has no distributed."
         )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs: Dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if "nccl" in backend:
-        kwargs["device_id"] = _cuda_device(where)
+        kwargs["device_id"] = _cuda_device()
     dist.init_process_group(backend=backend, **kwargs)
     return True
 
 
-def _cuda_device(where: str) -> torch.device:
+def _cuda_device() -> torch.device:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if local >= count:
-        raise RuntimeError(
-            f"{where}: the NCCL backend needs one GPU per process, but LOCAL_RANK={local} and this "
+        raise FparamsRuntimeError(
+            f"the NCCL backend needs one GPU per process, but LOCAL_RANK={local} and this "
             f"machine shows {count} GPU(s). Start at most {count} processes per machine "
             f"(torchrun --nproc_per_node={count}), or use backend='gloo'."
         )
@@ -189,11 +190,12 @@ def is_main_process() -> bool:
     return not _initialized() or dist.get_rank() == 0
 
 
-def _check_int(where: str, arg: str, value: object, low: int) -> int:
-    check_int(where, arg, value, low)
+def _check_int(arg: str, value: object, low: int) -> int:
+    check_int(arg, value, low)
     return int(value)  # type: ignore[call-overload]
 
 
+@public("distributed.shard_tasks")
 def shard_tasks(num_tasks: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> slice:
     """This rank's contiguous share of a meta-batch of ``num_tasks`` tasks.
 
@@ -214,25 +216,24 @@ def shard_tasks(num_tasks: int, rank: Optional[int] = None, world_size: Optional
         >>> [fd.shard_tasks(5, rank=r, world_size=2) for r in range(2)]
         [slice(0, 3, None), slice(3, 5, None)]
     """
-    where = "fparams.distributed.shard_tasks"
-    num_tasks = _check_int(where, "num_tasks", num_tasks, 0)
+    num_tasks = _check_int("num_tasks", num_tasks, 0)
     if (rank is None) != (world_size is None):
-        raise ValueError(
-            f"{where}: pass both `rank` and `world_size`, or neither to use the process group's; "
+        raise FparamsValueError(
+            f"pass both `rank` and `world_size`, or neither to use the process group's; "
             f"got rank={rank!r}, world_size={world_size!r}."
         )
     if rank is None or world_size is None:
         if not _initialized():
-            raise RuntimeError(
-                f"{where}: no `rank` / `world_size` given and the default process group is not "
+            raise FparamsRuntimeError(
+                f"no `rank` / `world_size` given and the default process group is not "
                 f"initialised. {_HINT} Or pass rank= and world_size=."
             )
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    world_size = _check_int(where, "world_size", world_size, 1)
-    rank = _check_int(where, "rank", rank, 0)
+    world_size = _check_int("world_size", world_size, 1)
+    rank = _check_int("rank", rank, 0)
     if rank >= world_size:
-        raise ValueError(
-            f"{where}: `rank` must be below `world_size`; got rank={rank}, world_size={world_size}."
+        raise FparamsValueError(
+            f"`rank` must be below `world_size`; got rank={rank}, world_size={world_size}."
         )
     base, extra = divmod(num_tasks, world_size)
     start = rank * base + min(rank, extra)
@@ -254,49 +255,49 @@ def shard_tasks(num_tasks: int, rank: Optional[int] = None, world_size: Optional
 # ---------------------------------------------------------------------------
 
 
-def _entries(where: str, arg: str, target: object, kind: str) -> Tuple[bool, Entries]:
+def _entries(arg: str, target: object, kind: str) -> Tuple[bool, Entries]:
     """``(in_place, entries)`` for a dict, a module or an iterable of tensors."""
     if isinstance(target, Mapping):
         items = sorted(target.items(), key=lambda kv: str(kv[0]))
         bad = [str(k) for k, t in items if not isinstance(t, Tensor)]
         if bad:
-            raise TypeError(f"{where}: `{arg}` must map names to tensors; not tensors: {bad}.")
+            raise FparamsTypeError(f"`{arg}` must map names to tensors; not tensors: {bad}.")
         return False, [(str(k), t) for k, t in items]
     if isinstance(target, nn.Module):
         named = target.named_buffers() if kind == "buffers" else target.named_parameters()
         return True, list(named)
     if isinstance(target, Tensor) or not isinstance(target, Iterable):
-        raise TypeError(
-            f"{where}: `{arg}` must be a dict of tensors, an nn.Module or an iterable of tensors "
+        raise FparamsTypeError(
+            f"`{arg}` must be a dict of tensors, an nn.Module or an iterable of tensors "
             f"(module.parameters()); got {type(target).__name__}."
         )
     items = [(str(i), t) for i, t in enumerate(target)]
     bad = [k for k, t in items if not isinstance(t, Tensor)]
     if bad:
-        raise TypeError(f"{where}: `{arg}` must hold only tensors; not tensors at positions {bad}.")
+        raise FparamsTypeError(f"`{arg}` must hold only tensors; not tensors at positions {bad}.")
     return True, items
 
 
-def _check_dense(where: str, entries: Entries) -> None:
+def _check_dense(entries: Entries) -> None:
     sparse = [k for k, t in entries if t.layout != torch.strided]
     if sparse:
-        raise TypeError(f"{where}: only dense (strided) tensors are supported; sparse: {sparse}.")
+        raise FparamsTypeError(f"only dense (strided) tensors are supported; sparse: {sparse}.")
 
 
-def _weight(where: str, weight: object) -> float:
+def _weight(weight: object) -> float:
     if weight is None:
         return 1.0
     if isinstance(weight, Tensor) and weight.numel() == 1:
         weight = weight.item()
     if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-        raise TypeError(
-            f"{where}: `weight` must be a number (this rank's task count) or None; "
+        raise FparamsTypeError(
+            f"`weight` must be a number (this rank's task count) or None; "
             f"got {type(weight).__name__}."
         )
     w = float(weight)
     if not math.isfinite(w) or w < 0:
-        raise ValueError(
-            f"{where}: `weight` must be finite and >= 0 (this rank's task count); got {weight!r}."
+        raise FparamsValueError(
+            f"`weight` must be finite and >= 0 (this rank's task count); got {weight!r}."
         )
     return w
 
@@ -315,7 +316,7 @@ def _layout_hash(entries: Entries) -> int:
 
 
 def _agree(
-    where: str, entries: Entries, weight: float, missing: bool, group: Any
+    entries: Entries, weight: float, missing: bool, group: Any
 ) -> Tuple[List[float], bool]:
     """Step 2: every rank's weight, and whether any rank lacks a gradient."""
     device = _comm_device(entries, group)
@@ -329,8 +330,8 @@ def _agree(
     if differ:
         shown = ", ".join(f"{k}{tuple(t.shape)} {t.dtype}" for k, t in entries[:8])
         more = f" and {len(entries) - 8} more" if len(entries) > 8 else ""
-        raise ValueError(
-            f"{where}: the ranks passed different tensors: the names, shapes or dtypes on rank(s) "
+        raise FparamsValueError(
+            f"the ranks passed different tensors: the names, shapes or dtypes on rank(s) "
             f"{differ} differ from rank 0's. Every rank must pass the same structure (the same model "
             f"and the same dict keys). This rank has {len(entries)}: {shown}{more}."
         )
@@ -364,14 +365,15 @@ def _weighted_sum(tensors: List[Tensor], scale: float, group: Any) -> List[Tenso
     return _flat_collective(tensors, op)
 
 
-def _scale(where: str, weights: List[float], weight: float) -> float:
+def _scale(weights: List[float], weight: float) -> float:
     total = math.fsum(weights)
     if total == 0:
-        raise ValueError(f"{where}: every rank passed weight=0, so there is nothing to average.")
+        raise FparamsValueError("every rank passed weight=0, so there is nothing to average.")
     return weight / total
 
 
 @overload
+@public("distributed.all_reduce_grads")
 def all_reduce_grads(
     grads: Mapping[str, Tensor], weight: Optional[float] = None, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -422,22 +424,21 @@ def all_reduce_grads(
         {'w': tensor([1., 2.])}
         >>> dist.destroy_process_group()
     """
-    where = "fparams.distributed.all_reduce_grads"
-    _require_group(where)
-    w = _weight(where, weight)
-    in_place, entries = _entries(where, "grads", grads, "grads")
+    _require_group()
+    w = _weight(weight)
+    in_place, entries = _entries("grads", grads, "grads")
     if not in_place:
-        _check_dense(where, entries)
-        weights, _ = _agree(where, entries, w, False, group)
+        _check_dense(entries)
+        weights, _ = _agree(entries, w, False, group)
         with torch.no_grad():
-            summed = _weighted_sum([t for _, t in entries], _scale(where, weights, w), group)
+            summed = _weighted_sum([t for _, t in entries], _scale(weights, w), group)
         return _in_order(grads, {k: t for (k, _), t in zip(entries, summed)})
 
     params = [(k, p) for k, p in entries if p.requires_grad]
     have = [p.grad is not None for _, p in params]
-    _check_dense(where, [(k, p.grad) for k, p in params if p.grad is not None])
-    weights, any_missing = _agree(where, params, w, not all(have), group)
-    scale = _scale(where, weights, w)
+    _check_dense([(k, p.grad) for k, p in params if p.grad is not None])
+    weights, any_missing = _agree(params, w, not all(have), group)
+    scale = _scale(weights, w)
     if any_missing:
         # Some rank lacks some .grad: reduce only what exists on some rank.
         found = torch.tensor(have, dtype=torch.uint8, device=_comm_device(params, group))
@@ -458,6 +459,7 @@ def all_reduce_grads(
 
 
 @overload
+@public("distributed.all_reduce_buffers")
 def all_reduce_buffers(
     buffers: Mapping[str, Tensor], weight: Optional[float] = None, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -504,13 +506,12 @@ def all_reduce_buffers(
         tensor([1., 1.])
         >>> dist.destroy_process_group()
     """
-    where = "fparams.distributed.all_reduce_buffers"
-    _require_group(where)
-    w = _weight(where, weight)
-    in_place, entries = _entries(where, "buffers", buffers, "buffers")
-    _check_dense(where, entries)
-    weights, _ = _agree(where, entries, w, False, group)
-    scale = _scale(where, weights, w)
+    _require_group()
+    w = _weight(weight)
+    in_place, entries = _entries("buffers", buffers, "buffers")
+    _check_dense(entries)
+    weights, _ = _agree(entries, w, False, group)
+    scale = _scale(weights, w)
     floating = [i for i, (_, t) in enumerate(entries) if t.is_floating_point() or t.is_complex()]
     others = sorted(set(range(len(entries))) - set(floating))
     with torch.no_grad():
@@ -543,17 +544,17 @@ def _write_back(
 
 
 def _broadcast(
-    where: str, arg: str, target: object, kind: str, src: int, group: Any
+    arg: str, target: object, kind: str, src: int, group: Any
 ) -> Optional[Dict[str, Tensor]]:
-    _require_group(where)
-    src = _check_int(where, "src", src, 0)
+    _require_group()
+    src = _check_int("src", src, 0)
     if src >= dist.get_world_size():
-        raise ValueError(
-            f"{where}: `src` must be a rank below the world size {dist.get_world_size()}; got {src}."
+        raise FparamsValueError(
+            f"`src` must be a rank below the world size {dist.get_world_size()}; got {src}."
         )
-    in_place, entries = _entries(where, arg, target, kind)
-    _check_dense(where, entries)
-    _agree(where, entries, 1.0, False, group)
+    in_place, entries = _entries(arg, target, kind)
+    _check_dense(entries)
+    _agree(entries, 1.0, False, group)
     with torch.no_grad():
         results = _flat_collective(
             [t for _, t in entries], lambda flat: dist.broadcast(flat, src=src, group=group)
@@ -562,6 +563,7 @@ def _broadcast(
 
 
 @overload
+@public("distributed.broadcast_params")
 def broadcast_params(
     params: Mapping[str, Tensor], src: int = 0, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -597,10 +599,11 @@ def broadcast_params(
         {'w': tensor([1., 1.], requires_grad=True)}
         >>> dist.destroy_process_group()
     """
-    return _broadcast("fparams.distributed.broadcast_params", "params", params, "params", src, group)
+    return _broadcast("params", params, "params", src, group)
 
 
 @overload
+@public("distributed.broadcast_buffers")
 def broadcast_buffers(
     buffers: Mapping[str, Tensor], src: int = 0, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -636,4 +639,4 @@ def broadcast_buffers(
         0
         >>> dist.destroy_process_group()
     """
-    return _broadcast("fparams.distributed.broadcast_buffers", "buffers", buffers, "buffers", src, group)
+    return _broadcast("buffers", buffers, "buffers", src, group)
