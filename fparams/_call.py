@@ -44,10 +44,22 @@ def _key_error(arg: str, given: Mapping[str, Any], expected: FrozenSet[str]) -> 
 
 
 def _check_values(params: TensorDict, buffers: Optional[TensorDict]) -> None:
-    """Every param a floating-point tensor, every buffer a tensor (run once a call has failed)."""
+    """Every param a floating-point tensor, every buffer a tensor."""
     check_tensors("params", params, floating=True)
     if buffers is not None:
         check_tensors("buffers", buffers)
+
+
+def _check_shapes(module: nn.Module, params: TensorDict) -> None:
+    """Run once a call has failed: a param whose shape differs from the module's own is named."""
+    own = dict(module.named_parameters())
+    for k, t in params.items():
+        if k in own and t.shape != own[k].shape:
+            raise FparamsValueError(
+                f"`params[{k!r}]` has shape {tuple(t.shape)} but the module's parameter has shape "
+                f"{tuple(own[k].shape)}, and the call failed (torch's error is chained above). Give "
+                f"each parameter its module's shape."
+            )
 
 
 class Architecture:
@@ -124,6 +136,7 @@ class Architecture:
                 return self._call(params, buffers, args, kwargs)
         except Exception:
             _check_values(params, buffers)  # bad values get fparams' error; else the original
+            _check_shapes(self.module, params)
             raise
 
     def _call(

@@ -14,9 +14,9 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_flag, check_hyper, check_instance, check_rate_fits, describe, rate_may_overflow
+from ._checks import check_flag, check_instance, describe
 from ._errors import FparamsRuntimeError, FparamsTypeError, FparamsValueError, public
-from ._module_api import _update_module, clone_module
+from ._module_api import _update_module, check_rate, clone_module
 
 
 def _is_optimizer(obj: object) -> bool:
@@ -33,9 +33,7 @@ def _check_lr(lr: object, model: nn.Module) -> None:
         raise FparamsTypeError(
             f"`lr` must be a number, a tensor or an fparams.optim optimizer; got {describe(lr)}."
         )
-    check_hyper("lr", lr)
-    if rate_may_overflow(lr):
-        check_rate_fits(lr, dict(model.named_parameters()))
+    check_rate(lr, model)
 
 
 def _check_flags(**flags: object) -> None:
@@ -305,9 +303,7 @@ class MetaSGD(_Learner):
         self.module = model
         params = list(model.parameters())
         if lrs is None:
-            check_hyper("lr", lr)
-            if rate_may_overflow(lr):
-                check_rate_fits(lr, dict(model.named_parameters()))
+            check_rate(lr, model)
             rates: Sequence[Tensor] = nn.ParameterList(  # type: ignore[assignment]
                 [nn.Parameter(torch.ones_like(p) * lr) for p in params]
             )

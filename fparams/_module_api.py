@@ -66,6 +66,7 @@ def clone_module(module: Any, memo: Optional[TensorMemo] = None) -> Any:
         >>> net[0].weight.grad is not None
         True
     """
+    _check_memo(memo)
     if not isinstance(module, nn.Module):
         return module
     return rebuild(module, _clone_param, _clone_buffer, memo)
@@ -238,6 +239,7 @@ def update_module(
         True
     """
     check_instance("module", module, nn.Module, "a torch.nn.Module")
+    _check_memo(memo)
     return _update_module(module, updates, memo)
 
 
@@ -255,6 +257,13 @@ def _update_module(
     return _write(module, found, memo, modules)
 
 
+def _check_memo(memo: object) -> None:
+    if memo is not None and not isinstance(memo, dict):
+        raise FparamsTypeError(
+            f"`memo` must be None or a dict shared between calls (start with {{}}); got {describe(memo)}."
+        )
+
+
 def _check_module(module: object) -> None:
     check_instance("model", module, nn.Module, "a torch.nn.Module")
 
@@ -264,9 +273,11 @@ def check_rate(lr: object, model: nn.Module, index: Optional[int] = None) -> Non
     dtype of every parameter of ``model`` (or of its ``index``-th one, for ``lrs[index]``)."""
     arg = "lr" if index is None else f"lrs[{index}]"
     check_hyper(arg, lr)
-    if rate_may_overflow(lr):  # names only where they are needed
+    if rate_may_overflow(lr) or (isinstance(lr, Tensor) and lr.dim() > 0):  # names only if needed
         named = list(model.named_parameters())
-        check_rate_fits(lr, dict(named if index is None else named[index : index + 1]), arg)
+        scaled = dict(named if index is None else named[index : index + 1])
+        check_rate_fits(lr, scaled, arg)
+        check_rate_shapes(lr, scaled)
 
 
 @public("maml_update")
@@ -354,7 +365,6 @@ def meta_sgd_update(
     rates = _check_list(model, "lrs", lrs, len(params))
     for i, (rate, p) in enumerate(zip(rates, params)):
         check_rate(rate, model, i)
-        check_rate_shapes(rate, {_param_name(model, i): p})
     found = _check_entries(model, "grads", params, _check_list(model, "grads", grads, len(params)))
     by_id = {id(p): rate for p, rate in zip(params, rates)}
     return _write(model, {k: -by_id[k] * g for k, g in found.items()}, None, modules)

@@ -215,10 +215,12 @@ def map_params(fn: Callable[..., Tensor], tensors: TensorDict, *rest: TensorDict
     if not callable(fn):
         raise FparamsTypeError(f"`fn` must be a function of one tensor per dict; got {type(fn).__name__}.")
     check_dict("tensors", tensors)
+    check_tensors("tensors", tensors)
     for i, other in enumerate(rest):
         check_dict(f"rest[{i}]", other)
         if other.keys() != tensors.keys():
             check_keys(f"rest[{i}]", other, tensors, fix="Every dict must have the keys of `tensors`.")
+        check_tensors(f"rest[{i}]", other)
     return {k: fn(t, *(other[k] for other in rest)) for k, t in tensors.items()}
 
 
