@@ -8,6 +8,7 @@ call ever sees another's tensors; calls on different modules run side by side.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_dict, check_instance, check_tensors, key_mismatch
-from ._errors import FparamsValueError, public
+from ._errors import FparamsError, FparamsValueError, public, user_frames
 from ._state import rebuild, state_dicts
 from ._torch_compat import check_module_slots, is_compiling, refresh_rnn
 from ._types import Buffers, Params, TensorDict
@@ -33,6 +34,16 @@ def _module_lock(module: nn.Module) -> threading.RLock:
         if lock is None:
             lock = _LOCKS[module] = threading.RLock()
         return lock
+
+
+_FULL_TRACEBACKS = bool(os.environ.get("FPARAMS_FULL_TRACEBACKS"))
+
+
+def _named(err: FparamsError) -> FparamsError:
+    """What :func:`fparams._errors.public` does to an error leaving ``Architecture.__call__``."""
+    if err.function is None:
+        err.function = "Architecture"
+    return err if _FULL_TRACEBACKS else err.with_traceback(user_frames(err.__traceback__))
 
 
 def _key_error(arg: str, given: Mapping[str, Any], expected: FrozenSet[str]) -> FparamsValueError:
@@ -105,14 +116,16 @@ class Architecture:
 
     def check(self, params: TensorDict, buffers: Optional[TensorDict] = None) -> None:
         """Raise ``ValueError`` unless the dicts have exactly this module's names."""
+        if not self._keys_match(params, buffers):
+            self._mismatch(params, buffers)
+
+    def _keys_match(self, params: object, buffers: object) -> bool:
         try:
-            same = params.keys() == self.param_names and (
-                buffers is None or buffers.keys() == self.buffer_names
+            return params.keys() == self.param_names and (  # type: ignore[attr-defined, no-any-return]
+                buffers is None or buffers.keys() == self.buffer_names  # type: ignore[attr-defined]
             )
         except AttributeError:  # not a dict
-            same = False
-        if not same:
-            self._mismatch(params, buffers)
+            return False
 
     def _mismatch(self, params: object, buffers: object) -> None:
         check_dict("params", params)
@@ -124,25 +137,39 @@ class Architecture:
             assert isinstance(buffers, Mapping)  # for mypy
             raise _key_error("buffers", buffers, self.buffer_names)
 
-    @public("Architecture")
     def __call__(
         self, params: TensorDict, *args: Any, buffers: Optional[TensorDict] = None, **kwargs: Any
     ) -> Any:
-        self.check(params, buffers)
+        # Not decorated with @public: this is the hot path, so the error is
+        # named here, in the except clauses, which cost nothing until they run.
+        __tracebackhide__ = True  # noqa: F841 - pytest and IPython hide this frame too
         try:
-            if is_compiling():  # a lock would break the graph; compiled code is traced, not raced
-                return self._call(params, buffers, args, kwargs)
+            if not self._keys_match(params, buffers):
+                self._mismatch(params, buffers)
+            compiling = is_compiling()
+            if compiling:  # a lock would break the graph; compiled code is traced, not raced
+                return self._call(params, buffers, args, kwargs, compiling)
             with self._lock:
-                return self._call(params, buffers, args, kwargs)
+                return self._call(params, buffers, args, kwargs, compiling)
+        except FparamsError as err:
+            raise _named(err)  # noqa: B904 - the same error
         except Exception:
-            _check_values(params, buffers)  # bad values get fparams' error; else the original
-            _check_shapes(self.module, params)
+            try:  # bad values get fparams' error; else torch's (or the user's) stands
+                _check_values(params, buffers)
+                _check_shapes(self.module, params)
+            except FparamsError as err:
+                raise _named(err)  # noqa: B904 - chained to the original by Python
             raise
 
     def _call(
-        self, params: TensorDict, buffers: Optional[TensorDict], args: Tuple[Any, ...], kwargs: Any
+        self,
+        params: TensorDict,
+        buffers: Optional[TensorDict],
+        args: Tuple[Any, ...],
+        kwargs: Any,
+        compiling: bool,
     ) -> Any:
-        if not self._rnns and not is_compiling():
+        if not self._rnns and not compiling:
             if self._slots is None:
                 self._slots = _tensor_slots(self.module, self.param_names, self.buffer_names)
             if self._slots:
