@@ -8,8 +8,9 @@ meta-batch in one vectorised call use :func:`fparams.adapt` with
 
 from __future__ import annotations
 
+import copy
 import numbers
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -149,6 +150,24 @@ class _Learner(nn.Module):
     def _remember_leaves(self, leaves: List[Tuple[Tensor, int, Optional[Tensor], int]]) -> None:
         if leaves:  # a clone's parameters are not leaves: nothing to watch
             self.__dict__["_adapted_leaves"] = leaves
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        """``copy.deepcopy`` of a learner whose tensors are leaves (the meta-learner); a clone or an
+        adapted learner holds tensors inside the autograd graph, which torch cannot deep-copy."""
+        attached = [k for k, t in self.module.named_parameters() if not t.is_leaf]
+        if attached:
+            raise FparamsRuntimeError(
+                f"this {type(self).__name__} holds parameters inside the autograd graph (a clone() or "
+                f"an adapted learner: {', '.join(repr(k) for k in attached[:3])}"
+                f"{' ...' if len(attached) > 3 else ''}), and torch deep-copies only graph leaves. "
+                f"Deep-copy the {type(self).__name__} that holds the meta-parameters and clone() the "
+                f"copy, or call fparams.detach_module(learner.module) first (which cuts the graph).",
+                function=f"{type(self).__name__}.__deepcopy__",
+            )
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        return new
 
     def __getattr__(self, name: str) -> Any:
         # learn2learn's learners fall back to the wrapped module's attributes.
