@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ._checks import check_flag, check_instance, describe
 from ._errors import FparamsRuntimeError, FparamsTypeError, FparamsValueError, public
 from ._module_api import _update_module, check_rate, clone_module
+from ._torch_compat import tensor_version
 
 
 def _is_optimizer(obj: object) -> bool:
@@ -129,8 +130,8 @@ class _Learner(nn.Module):
         ``adapt``, where the fix is clear.
         """
         for p, version, grad, grad_version in self.__dict__.get("_adapted_leaves", ()):
-            stepped = p._version != version
-            backwarded = p.grad is not grad or (grad is not None and grad._version != grad_version)
+            stepped = tensor_version(p) != version
+            backwarded = p.grad is not grad or (grad is not None and tensor_version(grad) != grad_version)
             if stepped or backwarded:
                 what = "changed in place (an optimizer step)" if stepped else "used by backward()"
                 raise FparamsRuntimeError(
@@ -142,7 +143,7 @@ class _Learner(nn.Module):
                     f"cloned keeps the meta-parameters."
                 )
         return [
-            (p, p._version, p.grad, -1 if p.grad is None else p.grad._version)
+            (p, tensor_version(p), p.grad, -1 if p.grad is None else tensor_version(p.grad))
             for p in self.module.parameters()
             if p.is_leaf and p.requires_grad
         ]

@@ -290,3 +290,16 @@ def import_dynamo_if_lazy_import_breaks() -> None:
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     if (major, minor) < (2, 4):  # pragma: no cover - depends on the torch version
         importlib.import_module("torch._dynamo")
+
+
+# --- core ---
+# ``Tensor._version``, the in-place counter (``_maml``: a learner adapted in place whose
+# original parameters an optimizer stepped since). Missing: every counter reads 0, and that
+# check sees only backward() having run, not an in-place step.
+
+TENSOR_VERSIONS = hasattr(torch.zeros(()), "_version")
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """``t._version``: how many in-place changes ``t``'s storage has seen (0 where torch has no counter)."""
+    return int(t._version) if TENSOR_VERSIONS else 0

@@ -72,3 +72,13 @@ def test_the_probes_found_this_torchs_privates() -> None:
     assert compat.MODULE_SLOTS
     assert compat.current_function_mode() is None  # no mode active here
     assert compat.caller_frame(0) is sys._getframe()
+
+
+# --- core ---
+
+
+def test_the_version_counter_probe_found_it() -> None:
+    t = compat.torch.zeros(2)
+    before = compat.tensor_version(t)
+    t.add_(1)
+    assert compat.TENSOR_VERSIONS and compat.tensor_version(t) == before + 1
