@@ -121,7 +121,7 @@ class Architecture:
 
     def _keys_match(self, params: object, buffers: object) -> bool:
         try:
-            return params.keys() == self.param_names and (  # type: ignore[attr-defined, no-any-return]
+            return params.keys() == self.param_names and (  # type: ignore[attr-defined]
                 buffers is None or buffers.keys() == self.buffer_names  # type: ignore[attr-defined]
             )
         except AttributeError:  # not a dict

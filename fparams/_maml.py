@@ -84,7 +84,7 @@ def _grads(
     return [next(it) if p.requires_grad else None for p in params]
 
 
-def _check_rates(lrs: object, model: nn.Module, params: List[Tensor]) -> Sequence[Tensor]:
+def _check_rates(lrs: object, model: nn.Module, params: Sequence[Tensor]) -> Sequence[Tensor]:
     """``MetaSGD``'s ``lrs``: one tensor per tensor of ``model.parameters()``, of its shape."""
     if isinstance(lrs, (Tensor, str, Mapping)) or not isinstance(lrs, Iterable):
         raise FparamsTypeError(
@@ -106,7 +106,9 @@ def _check_rates(lrs: object, model: nn.Module, params: List[Tensor]) -> Sequenc
                 f"`lrs[{i}]` (for parameter {names[i]!r}) must be a tensor of the parameter's shape "
                 f"{tuple(p.shape)}; got {got}."
             )
-    return lrs if isinstance(lrs, nn.ParameterList) else rates
+    if isinstance(lrs, nn.ParameterList):  # kept: its Parameters stay registered on the learner
+        return lrs  # type: ignore[return-value]  # a ParameterList is a sequence of tensors
+    return rates
 
 
 class _Learner(nn.Module):
@@ -167,7 +169,7 @@ class _Learner(nn.Module):
             )
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        new.__setstate__(copy.deepcopy(self.__dict__, memo))
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))  # type: ignore[no-untyped-call]
         return new
 
     def __getattr__(self, name: str) -> Any:

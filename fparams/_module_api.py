@@ -363,7 +363,7 @@ def meta_sgd_update(
     modules = tree(model)
     params = unique_params(modules)
     rates = _check_list(model, "lrs", lrs, len(params))
-    for i, (rate, p) in enumerate(zip(rates, params)):
+    for i, rate in enumerate(rates):
         check_rate(rate, model, i)
     found = _check_entries(model, "grads", params, _check_list(model, "grads", grads, len(params)))
     by_id = {id(p): rate for p, rate in zip(params, rates)}
@@ -456,7 +456,8 @@ def clone_distribution(dist: Distribution) -> Distribution:
         tensor([1., 1.])
     """
     check_instance("dist", dist, Distribution, _A_DISTRIBUTION)
-    return _clone_value(dist, {})
+    cloned: Distribution = _clone_value(dist, {})
+    return cloned
 
 
 def _detach_value(value: Any, seen: Dict[int, Any]) -> Any:
@@ -492,4 +493,5 @@ def detach_distribution(dist: Distribution) -> Distribution:
         False
     """
     check_instance("dist", dist, Distribution, _A_DISTRIBUTION)
-    return _detach_value(dist, {})
+    detached: Distribution = _detach_value(dist, {})
+    return detached

@@ -192,7 +192,8 @@ def is_main_process() -> bool:
 
 def _check_int(arg: str, value: object, low: int) -> int:
     check_int(arg, value, low)
-    return int(value)  # type: ignore[call-overload]
+    assert isinstance(value, numbers.Integral)  # for mypy: check_int let only ints through
+    return int(value)
 
 
 @public("distributed.shard_tasks")
@@ -351,7 +352,8 @@ def _flat_collective(tensors: List[Tensor], op: Any) -> List[Tensor]:
     for idx in _buckets([("", t) for t in tensors]).values():
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
         op(flat)
-        for i, chunk in zip(idx, flat.split([tensors[i].numel() for i in idx])):
+        sizes = [tensors[i].numel() for i in idx]
+        for i, chunk in zip(idx, torch.split(flat, sizes)):
             out[i] = chunk.view(tensors[i].shape)
     return out
 
