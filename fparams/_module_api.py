@@ -10,12 +10,10 @@ Where learn2learn prints and carries on, these raise.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution
-from torch.distributions.transforms import Transform
 
 from ._checks import (
     check_flag,
@@ -29,8 +27,6 @@ from ._checks import (
 from ._errors import FparamsTypeError, FparamsValueError, public
 from ._state import TensorMemo, Tree, rebuild, rewrite, tree, unique_params
 from ._transforms import _cast
-
-_A_DISTRIBUTION = "a torch.distributions.Distribution"
 
 
 def _clone_param(name: str, t: Tensor) -> Tensor:
@@ -416,82 +412,17 @@ def clone_named_parameters(param_dict: Mapping[str, Tensor]) -> Dict[str, Tensor
     return {k: p.clone() for k, p in param_dict.items()}
 
 
-# -- distributions ---------------------------------------------------------
+# The distribution shims live in their own module; re-exported here, where they were.
+from ._distributions import clone_distribution, detach_distribution  # noqa: E402
 
-_Memo = Dict[int, Tuple[Any, Any]]
-
-
-def _clone_value(value: Any, memo: _Memo) -> Any:
-    hit = memo.get(id(value))
-    if hit is not None and hit[0] is value:
-        return hit[1]
-    if isinstance(value, Tensor):
-        new: Any = value.clone() if value.requires_grad else value
-    elif isinstance(value, nn.Module):
-        new = clone_module(value)
-    elif isinstance(value, (Distribution, Transform)):
-        new = value.__new__(type(value))
-        new.__dict__ = {k: _clone_value(v, memo) for k, v in value.__dict__.items()}
-    elif isinstance(value, (list, tuple)):
-        new = type(value)(_clone_value(v, memo) for v in value)
-    else:
-        return value
-    memo[id(value)] = (value, new)
-    return new
-
-
-@public("clone_distribution")
-def clone_distribution(dist: Distribution) -> Distribution:
-    """A copy of a ``torch.distributions`` object that stays in the graph.
-
-    Tensors that require grad are cloned; modules are cloned with
-    :func:`clone_module`; nested distributions and transforms (and lists of
-    them) are cloned recursively. The original is not changed.
-
-    Examples:
-        >>> import torch, fparams
-        >>> loc = torch.zeros(2, requires_grad=True)
-        >>> d = fparams.clone_distribution(torch.distributions.Normal(loc, 1.0))
-        >>> d.log_prob(torch.ones(2)).sum().backward(); loc.grad
-        tensor([1., 1.])
-    """
-    check_instance("dist", dist, Distribution, _A_DISTRIBUTION)
-    cloned: Distribution = _clone_value(dist, {})
-    return cloned
-
-
-def _detach_value(value: Any, seen: Dict[int, Any]) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach() if value.requires_grad else value
-    if id(value) in seen:
-        return value
-    if isinstance(value, nn.Module):
-        seen[id(value)] = value
-        detach_module(value)
-    elif isinstance(value, (Distribution, Transform)):
-        seen[id(value)] = value
-        for k, v in list(value.__dict__.items()):
-            value.__dict__[k] = _detach_value(v, seen)
-    elif isinstance(value, (list, tuple)):
-        return type(value)(_detach_value(v, seen) for v in value)
-    return value
-
-
-@public("detach_distribution")
-def detach_distribution(dist: Distribution) -> Distribution:
-    """Detach a ``torch.distributions`` object from the graph, in place.
-
-    Tensors that require grad are replaced by detached ones, modules are
-    detached with :func:`detach_module` (and kept), nested distributions and
-    transforms are detached recursively. Returns ``dist``.
-
-    Examples:
-        >>> import torch, fparams
-        >>> loc = torch.zeros(2, requires_grad=True)
-        >>> d = fparams.detach_distribution(torch.distributions.Normal(loc * 2, 1.0))
-        >>> d.loc.requires_grad
-        False
-    """
-    check_instance("dist", dist, Distribution, _A_DISTRIBUTION)
-    detached: Distribution = _detach_value(dist, {})
-    return detached
+__all__ = [
+    "clone_distribution",
+    "clone_module",
+    "clone_named_parameters",
+    "clone_parameters",
+    "detach_distribution",
+    "detach_module",
+    "maml_update",
+    "meta_sgd_update",
+    "update_module",
+]
