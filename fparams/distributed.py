@@ -375,7 +375,6 @@ def _scale(weights: List[float], weight: float) -> float:
 
 
 @overload
-@public("distributed.all_reduce_grads")
 def all_reduce_grads(
     grads: Mapping[str, Tensor], weight: Optional[float] = None, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -387,6 +386,7 @@ def all_reduce_grads(
 ) -> None: ...
 
 
+@public("distributed.all_reduce_grads")
 def all_reduce_grads(
     grads: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]],
     weight: Optional[float] = None,
@@ -461,7 +461,6 @@ def all_reduce_grads(
 
 
 @overload
-@public("distributed.all_reduce_buffers")
 def all_reduce_buffers(
     buffers: Mapping[str, Tensor], weight: Optional[float] = None, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -473,6 +472,7 @@ def all_reduce_buffers(
 ) -> None: ...
 
 
+@public("distributed.all_reduce_buffers")
 def all_reduce_buffers(
     buffers: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]],
     weight: Optional[float] = None,
@@ -565,7 +565,6 @@ def _broadcast(
 
 
 @overload
-@public("distributed.broadcast_params")
 def broadcast_params(
     params: Mapping[str, Tensor], src: int = 0, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -577,6 +576,7 @@ def broadcast_params(
 ) -> None: ...
 
 
+@public("distributed.broadcast_params")
 def broadcast_params(
     params: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]], src: int = 0, *, group: Any = None
 ) -> Optional[Dict[str, Tensor]]:
@@ -605,7 +605,6 @@ def broadcast_params(
 
 
 @overload
-@public("distributed.broadcast_buffers")
 def broadcast_buffers(
     buffers: Mapping[str, Tensor], src: int = 0, *, group: Any = None
 ) -> Dict[str, Tensor]: ...
@@ -617,6 +616,7 @@ def broadcast_buffers(
 ) -> None: ...
 
 
+@public("distributed.broadcast_buffers")
 def broadcast_buffers(
     buffers: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]], src: int = 0, *, group: Any = None
 ) -> Optional[Dict[str, Tensor]]:

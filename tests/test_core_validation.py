@@ -368,3 +368,25 @@ def test_bad_input_gets_a_specific_fparams_error(name: str) -> None:
     kind, message = EXPECTED[name]
     with pytest.raises(kind, match="^" + re.escape(message) + "$"):
         CASES[name]()
+
+
+# -- fparams.distributed: every entry point names itself (no process group in this process) ----
+
+_NO_GROUP = (
+    "the default process group is not initialised. Launch the script with `torchrun "
+    "--nproc_per_node=N script.py` and call fparams.distributed.init_from_env() (or "
+    "torch.distributed.init_process_group(...)) first."
+)
+DISTRIBUTED: Dict[str, Callable[[], Any]] = {
+    "all_reduce_grads": lambda: fparams.distributed.all_reduce_grads({"w": torch.ones(1)}),
+    "all_reduce_buffers": lambda: fparams.distributed.all_reduce_buffers({"w": torch.ones(1)}),
+    "broadcast_params": lambda: fparams.distributed.broadcast_params({"w": torch.ones(1)}),
+    "broadcast_buffers": lambda: fparams.distributed.broadcast_buffers({"w": torch.ones(1)}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DISTRIBUTED))
+def test_the_distributed_collectives_name_themselves(name: str) -> None:
+    message = f"fparams.distributed.{name}: {_NO_GROUP}"
+    with pytest.raises(fparams.FparamsRuntimeError, match="^" + re.escape(message) + "$"):
+        DISTRIBUTED[name]()
