@@ -39,6 +39,8 @@ LAYERS = {
     "_tasks": 8,
     "_maml": 8,
     "distributed": 9,
+    # --- core ---
+    "_collectives": 9,
     "demo": 10,
 }
 
