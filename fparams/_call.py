@@ -114,6 +114,7 @@ class Architecture:
         self._slots = None
         self._lock = _module_lock(self.module)
 
+    @public("Architecture.check")
     def check(self, params: TensorDict, buffers: Optional[TensorDict] = None) -> None:
         """Raise ``ValueError`` unless the dicts have exactly this module's names."""
         if not self._keys_match(params, buffers):
@@ -202,7 +203,8 @@ class Architecture:
             >>> net.weight is params["weight"]
             False
         """
-        self.check(params, buffers)
+        if not self._keys_match(params, buffers):
+            self._mismatch(params, buffers)
         _check_values(params, buffers)
 
         def param(name: str, t: Tensor) -> Tensor:
