@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,8 @@ class SlowTwoLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = self.a(x)
         time.sleep(0.0005)  # another thread runs here
-        return self.b(h)
+        out: Tensor = self.b(h)
+        return out
 
 
 def _run_threads(calls: int, threads: int) -> int:
@@ -94,12 +95,11 @@ def test_a_nested_call_on_the_same_module_in_one_thread_does_not_deadlock() -> N
         def __init__(self) -> None:
             super().__init__()
             self.lin = nn.Linear(2, 2)
-            self.arch: object = None
+            self.arch: Any = None
 
         def forward(self, x: Tensor, depth: int = 0) -> Tensor:
-            if depth == 0:
-                return self.arch(dict(self.named_parameters()), x, depth=1)  # type: ignore[operator]
-            return self.lin(x)
+            out: Tensor = self.arch(dict(self.named_parameters()), x, depth=1) if depth == 0 else self.lin(x)
+            return out
 
     net = Outer()
     arch, params, _ = fparams.split(net)
