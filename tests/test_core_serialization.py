@@ -121,3 +121,12 @@ def test_the_state_dict_loads_with_torch_loads_default_weights_only() -> None:
     fresh.load_state_dict(torch.load(buf))
     for (k, a), (_, b) in zip(maml.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), k
+
+
+def test_an_architecture_pickles_and_takes_its_modules_lock_after_loading() -> None:
+    arch, params, _ = fparams.split(_net())
+    loaded = pickle.loads(pickle.dumps(arch))
+    x = torch.randn(3, 2)
+    torch.testing.assert_close(loaded(dict(loaded.module.named_parameters()), x), arch(params, x))
+    twin, _, _ = fparams.split(loaded.module)
+    assert twin._lock is loaded._lock and loaded._lock is not arch._lock
