@@ -1,24 +1,76 @@
-"""Run an architecture on explicit state: ``split`` and :class:`Architecture`."""
+"""Run an architecture on explicit state: ``split`` and :class:`Architecture`.
+
+Threads: a call puts the given tensors into the module's own slots for the
+length of its forward. Calls on one module from several threads take turns
+(one lock per module, shared by every :class:`Architecture` over it), so no
+call ever sees another's tensors; calls on different modules run side by side.
+"""
 
 from __future__ import annotations
 
+import os
+import threading
+import weakref
 from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_instance, key_mismatch
+from ._checks import check_dict, check_instance, check_tensors, key_mismatch
+from ._errors import FparamsError, FparamsValueError, public, user_frames
 from ._state import rebuild, state_dicts
 from ._torch_compat import check_module_slots, is_compiling, refresh_rnn
 from ._types import Buffers, Params, TensorDict
 
+#: One lock per module, shared by every Architecture over it (a module split twice).
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
 
-def _key_error(where: str, arg: str, given: Mapping[str, Any], expected: FrozenSet[str]) -> ValueError:
-    return ValueError(
-        f"{where}: `{arg}` does not match the module. {key_mismatch(given, dict.fromkeys(expected))} "
+
+def _module_lock(module: nn.Module) -> threading.RLock:
+    """The lock that calls through any Architecture of ``module`` hold while they swap its slots."""
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(module)
+        if lock is None:
+            lock = _LOCKS[module] = threading.RLock()
+        return lock
+
+
+_FULL_TRACEBACKS = bool(os.environ.get("FPARAMS_FULL_TRACEBACKS"))
+
+
+def _named(err: FparamsError) -> FparamsError:
+    """What :func:`fparams._errors.public` does to an error leaving ``Architecture.__call__``."""
+    if err.function is None:
+        err.function = "Architecture"
+    return err if _FULL_TRACEBACKS else err.with_traceback(user_frames(err.__traceback__))
+
+
+def _key_error(arg: str, given: Mapping[str, Any], expected: FrozenSet[str]) -> FparamsValueError:
+    return FparamsValueError(
+        f"`{arg}` does not match the module. {key_mismatch(given, dict.fromkeys(expected))} "
         f"Pass every name from fparams.split(module) (fparams.combine(adapted, rest) joins a "
         f"partition back together)."
     )
+
+
+def _check_values(params: TensorDict, buffers: Optional[TensorDict]) -> None:
+    """Every param a floating-point tensor, every buffer a tensor."""
+    check_tensors("params", params, floating=True)
+    if buffers is not None:
+        check_tensors("buffers", buffers)
+
+
+def _check_shapes(module: nn.Module, params: TensorDict) -> None:
+    """Run once a call has failed: a param whose shape differs from the module's own is named."""
+    own = dict(module.named_parameters())
+    for k, t in params.items():
+        if k in own and t.shape != own[k].shape:
+            raise FparamsValueError(
+                f"`params[{k!r}]` has shape {tuple(t.shape)} but the module's parameter has shape "
+                f"{tuple(own[k].shape)}, and the call failed (torch's error is chained above). Give "
+                f"each parameter its module's shape."
+            )
 
 
 class Architecture:
@@ -40,7 +92,7 @@ class Architecture:
         torch.Size([2, 1])
     """
 
-    __slots__ = ("module", "param_names", "buffer_names", "_rnns", "_slots")
+    __slots__ = ("module", "param_names", "buffer_names", "_rnns", "_slots", "_lock")
 
     def __init__(self, module: nn.Module, param_names: FrozenSet[str], buffer_names: FrozenSet[str]):
         self.module = module
@@ -48,22 +100,77 @@ class Architecture:
         self.buffer_names = buffer_names
         self._rnns = tuple(m for m in module.modules() if isinstance(m, nn.RNNBase))
         self._slots: Optional[Tuple[_Slot, ...]] = None
+        self._lock = _module_lock(module)
 
     def __repr__(self) -> str:
         return f"Architecture({self.module!r})"
 
+    def __getstate__(self) -> Dict[str, Any]:  # the lock is the module's, not saved
+        return {k: getattr(self, k) for k in ("module", "param_names", "buffer_names", "_rnns")}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self._slots = None
+        self._lock = _module_lock(self.module)
+
+    @public("Architecture.check")
     def check(self, params: TensorDict, buffers: Optional[TensorDict] = None) -> None:
         """Raise ``ValueError`` unless the dicts have exactly this module's names."""
+        if not self._keys_match(params, buffers):
+            self._mismatch(params, buffers)
+
+    def _keys_match(self, params: object, buffers: object) -> bool:
+        try:
+            return params.keys() == self.param_names and (  # type: ignore[attr-defined]
+                buffers is None or buffers.keys() == self.buffer_names  # type: ignore[attr-defined]
+            )
+        except AttributeError:  # not a dict
+            return False
+
+    def _mismatch(self, params: object, buffers: object) -> None:
+        check_dict("params", params)
+        assert isinstance(params, Mapping)  # for mypy
         if params.keys() != self.param_names:
-            raise _key_error("fparams.Architecture", "params", params, self.param_names)
-        if buffers is not None and buffers.keys() != self.buffer_names:
-            raise _key_error("fparams.Architecture", "buffers", buffers, self.buffer_names)
+            raise _key_error("params", params, self.param_names)
+        if buffers is not None:
+            check_dict("buffers", buffers)
+            assert isinstance(buffers, Mapping)  # for mypy
+            raise _key_error("buffers", buffers, self.buffer_names)
 
     def __call__(
         self, params: TensorDict, *args: Any, buffers: Optional[TensorDict] = None, **kwargs: Any
     ) -> Any:
-        self.check(params, buffers)
-        if not self._rnns and not is_compiling():
+        # Not decorated with @public: this is the hot path, so the error is
+        # named here, in the except clauses, which cost nothing until they run.
+        __tracebackhide__ = True  # noqa: F841 - pytest and IPython hide this frame too
+        try:
+            if not self._keys_match(params, buffers):
+                self._mismatch(params, buffers)
+            compiling = is_compiling()
+            if compiling:  # a lock would break the graph; compiled code is traced, not raced
+                return self._call(params, buffers, args, kwargs, compiling)
+            with self._lock:
+                return self._call(params, buffers, args, kwargs, compiling)
+        except FparamsError as err:
+            raise _named(err)  # noqa: B904 - the same error
+        except Exception:
+            try:  # bad values get fparams' error; else torch's (or the user's) stands
+                _check_values(params, buffers)
+                _check_shapes(self.module, params)
+            except FparamsError as err:
+                raise _named(err)  # noqa: B904 - chained to the original by Python
+            raise
+
+    def _call(
+        self,
+        params: TensorDict,
+        buffers: Optional[TensorDict],
+        args: Tuple[Any, ...],
+        kwargs: Any,
+        compiling: bool,
+    ) -> Any:
+        if not self._rnns and not compiling:
             if self._slots is None:
                 self._slots = _tensor_slots(self.module, self.param_names, self.buffer_names)
             if self._slots:
@@ -82,6 +189,7 @@ class Architecture:
             for rnn in self._rnns:
                 refresh_rnn(rnn)
 
+    @public("Architecture.bind")
     def bind(self, params: TensorDict, buffers: Optional[TensorDict] = None) -> nn.Module:
         """A structural copy of the module tree holding these tensors.
 
@@ -95,7 +203,9 @@ class Architecture:
             >>> net.weight is params["weight"]
             False
         """
-        self.check(params, buffers)
+        if not self._keys_match(params, buffers):
+            self._mismatch(params, buffers)
+        _check_values(params, buffers)
 
         def param(name: str, t: Tensor) -> Tensor:
             return params[name]
@@ -182,6 +292,7 @@ def _swap_call(
             d[name] = old
 
 
+@public("split")
 def split(module: nn.Module) -> Tuple[Architecture, Params, Buffers]:
     """Split ``module`` into an architecture and its parameter and buffer dicts.
 
@@ -196,7 +307,7 @@ def split(module: nn.Module) -> Tuple[Architecture, Params, Buffers]:
         >>> sorted(params), sorted(buffers)[:1]
         (['0.bias', '0.weight', '1.bias', '1.weight'], ['1.num_batches_tracked'])
     """
-    check_instance("fparams.split", "module", module, nn.Module, "a torch.nn.Module")
+    check_instance("module", module, nn.Module, "a torch.nn.Module")
     check_module_slots("fparams.split")
     params, buffers = state_dicts(module)
     return Architecture(module, frozenset(params), frozenset(buffers)), params, buffers

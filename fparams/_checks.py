@@ -309,3 +309,66 @@ def warn_in_user_code(message: str, category: Type[Warning]) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level)
+
+
+# --- core ---
+
+
+def check_tensors(arg: str, tensors: Mapping[str, object], *, floating: bool = False) -> None:
+    """``TypeError`` unless every value of ``tensors`` is a tensor (floating point or complex,
+    with ``floating``: what parameters must be)."""
+    for k, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise FparamsTypeError(
+                f"`{arg}[{k!r}]` is {describe(t)}; every value must be a tensor. "
+                f"Use fparams.split(module) to get the dicts."
+            )
+        if floating and not (t.is_floating_point() or t.is_complex()):
+            raise FparamsTypeError(
+                f"`{arg}[{k!r}]` is a tensor of dtype {t.dtype}; parameters must be floating point "
+                f"(or complex) tensors. Convert it (`.float()`), or pass it as a buffer."
+            )
+
+
+def check_castable(arg: str, given: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> None:
+    """``TypeError`` where a value of ``given`` cannot be cast to its parameter's dtype without
+    losing its kind (a float update into an integer parameter, a complex one into a real one)."""
+    for k, t in given.items():
+        p = params[k]
+        if t.dtype != p.dtype and not torch.can_cast(t.dtype, p.dtype):
+            raise FparamsTypeError(
+                f"`{arg}[{k!r}]` has dtype {t.dtype}, which cannot be cast to its parameter's dtype "
+                f"{p.dtype}; parameters keep their dtype, so give values of a dtype of the same kind."
+            )
+
+
+#: The smallest largest-finite-value of torch's floating dtypes: a rate below it fits them all.
+SMALLEST_MAX = min(torch.finfo(d).max for d in (torch.float16, torch.bfloat16, torch.float32)) / 2
+
+
+def rate_may_overflow(lr: object) -> bool:
+    """Could a Python-number rate (or a dict holding one) overflow some floating dtype?"""
+    values = lr.values() if isinstance(lr, Mapping) else (lr,)
+    return any(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(float(v)) > SMALLEST_MAX
+        for v in values
+    )
+
+
+def check_rate_fits(lr: object, params: Mapping[str, Tensor], arg: str = "lr") -> None:
+    """``ValueError`` where a rate given as a Python number overflows the dtype of a parameter it
+    scales (``1e39`` in float32 would turn every updated weight into inf or NaN)."""
+    if not rate_may_overflow(lr):
+        return
+    rates = lr if isinstance(lr, Mapping) else None
+    for k, p in params.items():
+        rate = rates.get(k) if rates is not None else lr
+        if isinstance(rate, Tensor) or not isinstance(rate, numbers.Real) or not p.is_floating_point():
+            continue
+        top = torch.finfo(p.dtype).max
+        if abs(float(rate)) > top:
+            name = arg if rates is None else f"{arg}[{k!r}]"
+            raise FparamsValueError(
+                f"`{name}` is {rate!r}, which overflows {p.dtype}, the dtype of parameter {k!r} "
+                f"(largest finite value {top:.4g}); give a rate that fits the parameters' dtype."
+            )

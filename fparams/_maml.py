@@ -8,18 +8,54 @@ meta-batch in one vectorised call use :func:`fparams.adapt` with
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+import copy
+import numbers
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_instance
-from ._inner import is_optimizer
-from ._module_api import clone_module, update_module
+from ._checks import check_flag, check_instance, describe
+from ._errors import FparamsRuntimeError, FparamsTypeError, FparamsValueError, public
+from ._module_api import _update_module, check_rate, clone_module
+from ._torch_compat import version as tensor_version
+
+
+def _is_optimizer(obj: object) -> bool:
+    """An ``fparams.optim`` transformation (``init`` + ``update``)."""
+    return callable(getattr(obj, "init", None)) and callable(getattr(obj, "update", None))
+
+
+def _check_lr(lr: object, model: nn.Module) -> None:
+    """``MAML``'s ``lr``: what ``adapt`` takes (a finite number >= 0 or a tensor, fitting the
+    parameters' dtype), or an ``fparams.optim`` optimizer."""
+    if _is_optimizer(lr):
+        return
+    if not isinstance(lr, Tensor) and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)):
+        raise FparamsTypeError(
+            f"`lr` must be a number, a tensor or an fparams.optim optimizer; got {describe(lr)}."
+        )
+    check_rate(lr, model)
+
+
+def _check_flags(**flags: object) -> None:
+    """Each flag is True or False (``None``, where given, means: the learner's own)."""
+    for name, value in flags.items():
+        if value is not None:
+            check_flag(name, value)
+
+
+def _check_loss(loss: object) -> None:
+    if not isinstance(loss, Tensor):
+        raise FparamsTypeError(f"`loss` must be a scalar tensor; got {describe(loss)}.")
+    if loss.numel() != 1:
+        raise FparamsValueError(
+            f"`loss` must be a scalar tensor; got shape {tuple(loss.shape)}. Reduce it first "
+            f"(loss.mean() or loss.sum())."
+        )
 
 
 def _grads(
-    where: str,
     module: nn.Module,
     loss: Tensor,
     second_order: bool,
@@ -37,8 +73,8 @@ def _grads(
             allow_unused=allow_unused,
         )
     except RuntimeError as err:
-        raise RuntimeError(
-            f"{where}: could not differentiate the loss with respect to every parameter of the "
+        raise FparamsRuntimeError(
+            f"could not differentiate the loss with respect to every parameter of the "
             f"module ({err}). If some parameters do not require grad, pass allow_nograd=True; "
             f"if some do not take part in the loss, pass allow_unused=True."
         ) from err
@@ -46,6 +82,33 @@ def _grads(
         return list(found)
     it = iter(found)
     return [next(it) if p.requires_grad else None for p in params]
+
+
+def _check_rates(lrs: object, model: nn.Module, params: Sequence[Tensor]) -> Sequence[Tensor]:
+    """``MetaSGD``'s ``lrs``: one tensor per tensor of ``model.parameters()``, of its shape."""
+    if isinstance(lrs, (Tensor, str, Mapping)) or not isinstance(lrs, Iterable):
+        raise FparamsTypeError(
+            f"`lrs` must be a list with one rate tensor per tensor of model.parameters(); "
+            f"got {describe(lrs)}."
+        )
+    rates = list(lrs)
+    if len(rates) != len(params):
+        raise FparamsValueError(
+            f"got {len(rates)} learning-rate tensors for {len(params)} parameters; "
+            f"give one per tensor of model.parameters()."
+        )
+    names = [k for k, _ in model.named_parameters()]
+    for i, (rate, p) in enumerate(zip(rates, params)):
+        if not isinstance(rate, Tensor) or rate.shape != p.shape:
+            kind = FparamsValueError if isinstance(rate, Tensor) else FparamsTypeError
+            got = f"shape {tuple(rate.shape)}" if isinstance(rate, Tensor) else describe(rate)
+            raise kind(
+                f"`lrs[{i}]` (for parameter {names[i]!r}) must be a tensor of the parameter's shape "
+                f"{tuple(p.shape)}; got {got}."
+            )
+    if isinstance(lrs, nn.ParameterList):  # kept: its Parameters stay registered on the learner
+        return lrs  # type: ignore[return-value]  # a ParameterList is a sequence of tensors
+    return rates
 
 
 class _Learner(nn.Module):
@@ -57,7 +120,7 @@ class _Learner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
 
-    def _leaves_before_adapt(self, where: str) -> List[Tuple[Tensor, int, Optional[Tensor], int]]:
+    def _leaves_before_adapt(self) -> List[Tuple[Tensor, int, Optional[Tensor], int]]:
         """The module's own (leaf) parameters that this adapt replaces; checks earlier ones first.
 
         ``adapt`` on the learner that holds the meta-parameters (not on a
@@ -69,12 +132,12 @@ class _Learner(nn.Module):
         ``adapt``, where the fix is clear.
         """
         for p, version, grad, grad_version in self.__dict__.get("_adapted_leaves", ()):
-            stepped = p._version != version
-            backwarded = p.grad is not grad or (grad is not None and grad._version != grad_version)
+            stepped = tensor_version(p) != version
+            backwarded = p.grad is not grad or (grad is not None and tensor_version(grad) != grad_version)
             if stepped or backwarded:
                 what = "changed in place (an optimizer step)" if stepped else "used by backward()"
-                raise RuntimeError(
-                    f"{where}: this {type(self).__name__} was adapted itself, not a clone, and its "
+                raise FparamsRuntimeError(
+                    f"this {type(self).__name__} was adapted itself, not a clone, and its "
                     f"original parameters have since been {what}; any backward through the adapted "
                     f"module would now fail (torch's freed-graph or in-place error). Call .clone() "
                     f"first and adapt the clone, one per task: learner = "
@@ -82,7 +145,7 @@ class _Learner(nn.Module):
                     f"cloned keeps the meta-parameters."
                 )
         return [
-            (p, p._version, p.grad, -1 if p.grad is None else p.grad._version)
+            (p, tensor_version(p), p.grad, -1 if p.grad is None else tensor_version(p.grad))
             for p in self.module.parameters()
             if p.is_leaf and p.requires_grad
         ]
@@ -90,6 +153,24 @@ class _Learner(nn.Module):
     def _remember_leaves(self, leaves: List[Tuple[Tensor, int, Optional[Tensor], int]]) -> None:
         if leaves:  # a clone's parameters are not leaves: nothing to watch
             self.__dict__["_adapted_leaves"] = leaves
+
+    def __deepcopy__(self, memo: Dict[int, Any]) -> Any:
+        """``copy.deepcopy`` of a learner whose tensors are leaves (the meta-learner); a clone or an
+        adapted learner holds tensors inside the autograd graph, which torch cannot deep-copy."""
+        attached = [k for k, t in self.module.named_parameters() if not t.is_leaf]
+        if attached:
+            raise FparamsRuntimeError(
+                f"this {type(self).__name__} holds parameters inside the autograd graph (a clone() or "
+                f"an adapted learner: {', '.join(repr(k) for k in attached[:3])}"
+                f"{' ...' if len(attached) > 3 else ''}), and torch deep-copies only graph leaves. "
+                f"Deep-copy the {type(self).__name__} that holds the meta-parameters and clone() the "
+                f"copy, or call fparams.detach_module(learner.module) first (which cuts the graph).",
+                function=f"{type(self).__name__}.__deepcopy__",
+            )
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__dict__, memo))  # type: ignore[no-untyped-call]
+        return new
 
     def __getattr__(self, name: str) -> Any:
         # learn2learn's learners fall back to the wrapped module's attributes.
@@ -126,6 +207,7 @@ class MAML(_Learner):
         True
     """
 
+    @public("MAML")
     def __init__(
         self,
         model: nn.Module,
@@ -135,7 +217,9 @@ class MAML(_Learner):
         allow_nograd: bool = False,
     ):
         super().__init__()
-        check_instance("fparams.MAML", "model", model, nn.Module, "a torch.nn.Module")
+        check_instance("model", model, nn.Module, "a torch.nn.Module")
+        _check_lr(lr, model)
+        _check_flags(first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd)
         self.module = model
         self.lr = lr
         self.first_order = first_order
@@ -144,6 +228,7 @@ class MAML(_Learner):
         self._opt_state: Any = None
         self._is_clone = False
 
+    @public("MAML.adapt")
     def adapt(
         self,
         loss: Tensor,
@@ -160,17 +245,19 @@ class MAML(_Learner):
         rather than letting the next backward fail with torch's in-place or
         freed-graph error.
         """
+        _check_flags(first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd)
+        _check_loss(loss)
         first_order = self.first_order if first_order is None else first_order
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         if allow_unused is None:
             allow_unused = self.allow_unused or allow_nograd
-        leaves = self._leaves_before_adapt("MAML.adapt")
-        grads = _grads("fparams.MAML.adapt", self.module, loss, not first_order, allow_unused, allow_nograd)
-        if is_optimizer(self.lr):
+        leaves = self._leaves_before_adapt()
+        grads = _grads(self.module, loss, not first_order, allow_unused, allow_nograd)
+        if _is_optimizer(self.lr):
             updates = self._optimizer_updates(grads)
         else:
             updates = [None if g is None else -self.lr * g for g in grads]
-        self.module = update_module(self.module, updates=updates)
+        self.module = _update_module(self.module, updates)
         self._remember_leaves(leaves)
 
     def extra_repr(self) -> str:
@@ -185,6 +272,7 @@ class MAML(_Learner):
         updates, self._opt_state = self.lr.update(given, self._opt_state, params)
         return [updates.get(k) for k, _ in named]
 
+    @public("MAML.clone")
     def clone(
         self,
         first_order: Optional[bool] = None,
@@ -192,6 +280,7 @@ class MAML(_Learner):
         allow_nograd: Optional[bool] = None,
     ) -> MAML:
         """A learner whose module is :func:`fparams.clone_module` of this one."""
+        _check_flags(first_order=first_order, allow_unused=allow_unused, allow_nograd=allow_nograd)
         learner = MAML(
             clone_module(self.module),
             lr=self.lr,
@@ -222,6 +311,7 @@ class MetaSGD(_Learner):
         True
     """
 
+    @public("MetaSGD")
     def __init__(
         self,
         model: nn.Module,
@@ -230,20 +320,17 @@ class MetaSGD(_Learner):
         lrs: Optional[Sequence[Tensor]] = None,
     ):
         super().__init__()
-        check_instance("fparams.MetaSGD", "model", model, nn.Module, "a torch.nn.Module")
+        check_instance("model", model, nn.Module, "a torch.nn.Module")
+        check_flag("first_order", first_order)
         self.module = model
         params = list(model.parameters())
         if lrs is None:
+            check_rate(lr, model)
             rates: Sequence[Tensor] = nn.ParameterList(  # type: ignore[assignment]
                 [nn.Parameter(torch.ones_like(p) * lr) for p in params]
             )
-        elif len(lrs) != len(params):
-            raise ValueError(
-                f"fparams.MetaSGD: got {len(lrs)} learning-rate tensors for {len(params)} parameters; "
-                f"give one per tensor of model.parameters()."
-            )
         else:
-            rates = lrs
+            rates = _check_rates(lrs, model, params)
         self.lrs = rates
         self.first_order = first_order
         self._is_clone = False
@@ -258,6 +345,7 @@ class MetaSGD(_Learner):
             rates = f"lrs={len(self.lrs)} tensors of rates from {min(ends):.3g} to {max(ends):.3g}"
         return f"{rates}, first_order={self.first_order}, clone={self._is_clone}"
 
+    @public("MetaSGD.clone")
     def clone(self) -> MetaSGD:
         """A learner with a cloned module and cloned rates, still in the graph."""
         learner = MetaSGD(
@@ -268,11 +356,14 @@ class MetaSGD(_Learner):
         learner._is_clone = True
         return learner
 
+    @public("MetaSGD.adapt")
     def adapt(self, loss: Tensor, first_order: Optional[bool] = None) -> None:
         """One step ``p - lr * g`` with the learned rates, in place."""
+        _check_flags(first_order=first_order)
+        _check_loss(loss)
         first_order = self.first_order if first_order is None else first_order
-        leaves = self._leaves_before_adapt("MetaSGD.adapt")
-        grads = _grads("fparams.MetaSGD.adapt", self.module, loss, not first_order, False, False)
+        leaves = self._leaves_before_adapt()
+        grads = _grads(self.module, loss, not first_order, False, False)
         updates = [None if g is None else -lr * g for lr, g in zip(self.lrs, grads)]
-        self.module = update_module(self.module, updates=updates)
+        self.module = _update_module(self.module, updates)
         self._remember_leaves(leaves)

@@ -10,16 +10,23 @@ Where learn2learn prints and carries on, these raise.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
-from torch.distributions import Distribution
-from torch.distributions.transforms import Transform
 
-from ._checks import check_instance
-from ._state import TensorMemo, rebuild, rewrite, tree, unique_params
-
-_A_DISTRIBUTION = "a torch.distributions.Distribution"
+from ._checks import (
+    check_flag,
+    check_hyper,
+    check_instance,
+    check_rate_fits,
+    check_rate_shapes,
+    describe,
+    rate_may_overflow,
+)
+from ._errors import FparamsTypeError, FparamsValueError, public
+from ._state import TensorMemo, Tree, rebuild, rewrite, tree, unique_params
+from ._transforms import _cast
 
 
 def _clone_param(name: str, t: Tensor) -> Tensor:
@@ -31,6 +38,7 @@ def _clone_buffer(name: str, t: Tensor) -> Tensor:
     return t.clone() if t.requires_grad else t
 
 
+@public("clone_module")
 def clone_module(module: Any, memo: Optional[TensorMemo] = None) -> Any:
     """A copy of ``module`` whose parameters are ``clone()``s still in the graph.
 
@@ -54,6 +62,7 @@ def clone_module(module: Any, memo: Optional[TensorMemo] = None) -> Any:
         >>> net[0].weight.grad is not None
         True
     """
+    _check_memo(memo)
     if not isinstance(module, nn.Module):
         return module
     return rebuild(module, _clone_param, _clone_buffer, memo)
@@ -76,6 +85,7 @@ def _detacher(keep_requires_grad: bool) -> Callable[[str, Tensor], Tensor]:
     return detach
 
 
+@public("detach_module")
 def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
     """Detach every parameter, and every buffer that requires grad, in place.
 
@@ -92,41 +102,73 @@ def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> None:
         >>> clone.weight.requires_grad
         False
     """
-    check_instance("fparams.detach_module", "module", module, nn.Module, "a torch.nn.Module")
+    check_instance("module", module, nn.Module, "a torch.nn.Module")
+    check_flag("keep_requires_grad", keep_requires_grad)
     detach = _detacher(keep_requires_grad)
     rewrite(module, detach, detach)
-
-
-def _check_updates(
-    module: nn.Module, params: Sequence[Tensor], updates: Sequence[Optional[Tensor]]
-) -> Dict[int, Tensor]:
-    if len(updates) != len(params):
-        raise ValueError(
-            f"fparams.update_module: got {len(updates)} updates for {len(params)} parameters; "
-            f"give one update (or None) per tensor of module.parameters(), in that order."
-        )
-    found: Dict[int, Tensor] = {}
-    for i, (p, u) in enumerate(zip(params, updates)):
-        if u is None:
-            continue
-        if not isinstance(u, Tensor):
-            raise TypeError(
-                f"fparams.update_module: the update for parameter {_param_name(module, i)!r} is a "
-                f"{type(u).__name__}; updates must be tensors (or None to skip)."
-            )
-        if u.shape != p.shape:
-            raise ValueError(
-                f"fparams.update_module: the update for parameter {_param_name(module, i)!r} has shape "
-                f"{tuple(u.shape)} but the parameter has shape {tuple(p.shape)}."
-            )
-        found[id(p)] = u
-    return found
 
 
 def _param_name(module: nn.Module, i: int) -> str:
     # Names only for error messages: building one per parameter on every
     # update would cost more than the checks themselves.
     return list(module.named_parameters())[i][0]
+
+
+def _what(module: nn.Module, arg: str, i: int) -> str:
+    """``"the gradient for parameter '0.weight'"``: entry ``i`` of ``arg``, in a message."""
+    return f"the {_NOUN[arg]} for parameter {_param_name(module, i)!r}"
+
+
+_NOUN = {"updates": "update", "grads": "gradient", "lrs": "learning rate"}
+
+
+def _check_list(module: nn.Module, arg: str, values: object, count: int, holder: str = "model") -> List[Any]:
+    """``values`` as a list with one entry per tensor of ``module.parameters()``."""
+    if isinstance(values, Tensor):
+        raise FparamsTypeError(
+            f"`{arg}` must be a list with one tensor per parameter; got a single tensor. "
+            f"Wrap it in a list: {arg}=[{arg[0]}]."
+        )
+    if isinstance(values, (str, Mapping)) or not isinstance(values, Iterable):
+        raise FparamsTypeError(
+            f"`{arg}` must be a list with one entry per tensor of {holder}.parameters(); "
+            f"got {describe(values)}."
+        )
+    entries = list(values)
+    if len(entries) != count:
+        raise FparamsValueError(
+            f"got {len(entries)} {arg} for {count} parameters; give one {_NOUN[arg]} (or None) per "
+            f"tensor of {holder}.parameters(), in that order."
+            + ("" if arg == "updates" else " (learn2learn prints a warning and truncates)")
+        )
+    return entries
+
+
+def _check_entries(
+    module: nn.Module, arg: str, params: Sequence[Tensor], values: Sequence[Optional[object]]
+) -> Dict[int, Tensor]:
+    """``{id(param): value}`` for the entries that are not None, each a tensor of the parameter's
+    shape whose dtype casts to the parameter's."""
+    found: Dict[int, Tensor] = {}
+    for i, (p, u) in enumerate(zip(params, values)):
+        if u is None:
+            continue
+        if not isinstance(u, Tensor):
+            raise FparamsTypeError(
+                f"{_what(module, arg, i)} is {describe(u)}; `{arg}` must hold tensors (or None to skip)."
+            )
+        if u.shape != p.shape:
+            raise FparamsValueError(
+                f"{_what(module, arg, i)} has shape {tuple(u.shape)} but the parameter has shape "
+                f"{tuple(p.shape)}."
+            )
+        if u.dtype != p.dtype and not torch.can_cast(u.dtype, p.dtype):
+            raise FparamsTypeError(
+                f"{_what(module, arg, i)} has dtype {u.dtype}, which cannot be cast to the parameter's "
+                f"dtype {p.dtype}; parameters keep their dtype."
+            )
+        found[id(p)] = u
+    return found
 
 
 def _add_update_attr(name: str, t: Tensor) -> Tensor:
@@ -137,9 +179,23 @@ def _add_update_attr(name: str, t: Tensor) -> Tensor:
     # (a shared buffer, a weight tied across modules) is never updated twice,
     # and the update's graph is not kept alive by the old tensor.
     t.update = None  # type: ignore[attr-defined]
-    return t + u
+    return t + _cast(u, t)
 
 
+def _write(
+    module: nn.Module, found: Dict[int, Tensor], memo: Optional[TensorMemo], modules: Tree
+) -> nn.Module:
+    """Replace each parameter ``p`` that has an update ``u`` in ``found`` by ``p + u``, in place."""
+
+    def param(name: str, t: Tensor) -> Tensor:
+        u = found.get(id(t))
+        return t if u is None else t + _cast(u, t)
+
+    rewrite(module, param, _add_update_attr, memo, modules)
+    return module
+
+
+@public("update_module")
 def update_module(
     module: nn.Module,
     updates: Optional[Sequence[Optional[Tensor]]] = None,
@@ -151,7 +207,18 @@ def update_module(
     ``module.parameters()``, in that order. With ``updates=None`` the
     ``.update`` attribute learn2learn's API places on parameters and buffers is
     used instead. Tied parameters stay tied and RNN flat weights are
-    refreshed. Returns the module.
+    refreshed. Each parameter keeps its dtype: an update of another
+    floating-point dtype is cast to the parameter's (one that cannot be, such
+    as a complex update to a real parameter, raises ``TypeError``).
+
+    Args:
+        module: the module to update (changed in place).
+        updates: one tensor or None per tensor of ``module.parameters()``.
+        memo: optional ``{id(tensor): (tensor, new)}`` shared between calls,
+            to keep tensors tied across several modules.
+
+    Returns:
+        ``module``.
 
     Raises:
         ValueError: the number of updates differs from the number of
@@ -167,45 +234,49 @@ def update_module(
         >>> model.weight.grad_fn is not None
         True
     """
-    check_instance("fparams.update_module", "module", module, nn.Module, "a torch.nn.Module")
+    check_instance("module", module, nn.Module, "a torch.nn.Module")
+    _check_memo(memo)
+    return _update_module(module, updates, memo)
+
+
+def _update_module(
+    module: nn.Module, updates: Optional[Sequence[Optional[Tensor]]], memo: Optional[TensorMemo] = None
+) -> nn.Module:
+    """:func:`update_module` for fparams' own callers (errors carry the caller's public name)."""
     if updates is None:
         rewrite(module, _add_update_attr, _add_update_attr, memo)
         return module
-    if isinstance(updates, Tensor):
-        raise TypeError(
-            "fparams.update_module: `updates` must be a list with one tensor per parameter; "
-            "got a single tensor. Wrap it in a list: updates=[u]."
-        )
     modules = tree(module)
-    found = _check_updates(module, unique_params(modules), list(updates))
-
-    def param(name: str, t: Tensor) -> Tensor:
-        u = found.get(id(t))
-        return t if u is None else t + u
-
-    rewrite(module, param, _add_update_attr, memo, modules)
-    return module
+    params = unique_params(modules)
+    entries = _check_list(module, "updates", updates, len(params), holder="module")
+    found = _check_entries(module, "updates", params, entries)
+    return _write(module, found, memo, modules)
 
 
-def _check_module(where: str, module: object) -> None:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{where}: `model` must be a torch.nn.Module; got {type(module).__name__}.")
-
-
-def _check_list(where: str, name: str, values: object, count: int) -> List[Any]:
-    if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
-        raise TypeError(
-            f"{where}: `{name}` must be a list with one entry per tensor of model.parameters(); "
-            f"got {type(values).__name__}."
+def _check_memo(memo: object) -> None:
+    if memo is not None and not isinstance(memo, dict):
+        raise FparamsTypeError(
+            f"`memo` must be None or a dict shared between calls (start with {{}}); got {describe(memo)}."
         )
-    if len(values) != count:
-        raise ValueError(
-            f"{where}: got {len(values)} {name} for {count} parameters; give one per tensor of "
-            f"model.parameters(), in that order (learn2learn prints a warning and truncates)."
-        )
-    return list(values)
 
 
+def _check_module(module: object) -> None:
+    check_instance("model", module, nn.Module, "a torch.nn.Module")
+
+
+def check_rate(lr: object, model: nn.Module, index: Optional[int] = None) -> None:
+    """A learning rate as ``adapt`` takes one (a finite number >= 0 or a tensor) that fits the
+    dtype of every parameter of ``model`` (or of its ``index``-th one, for ``lrs[index]``)."""
+    arg = "lr" if index is None else f"lrs[{index}]"
+    check_hyper(arg, lr)
+    if rate_may_overflow(lr) or (isinstance(lr, Tensor) and lr.dim() > 0):  # names only if needed
+        named = list(model.named_parameters())
+        scaled = dict(named if index is None else named[index : index + 1])
+        check_rate_fits(lr, scaled, arg)
+        check_rate_shapes(lr, scaled)
+
+
+@public("maml_update")
 def maml_update(model: nn.Module, lr: Any, grads: Optional[Sequence[Optional[Tensor]]] = None) -> nn.Module:
     """learn2learn's MAML step on a module, in place: ``p - lr * g``, keeping the graph.
 
@@ -213,13 +284,16 @@ def maml_update(model: nn.Module, lr: Any, grads: Optional[Sequence[Optional[Ten
     ``model.parameters()``; ``lr`` is a number or a tensor (a learned rate).
     With ``grads=None`` the ``.update`` attributes learn2learn's API places on
     the tensors are applied instead (as :func:`update_module` does). Returns
-    ``model``; tied parameters stay tied, RNN flat weights are refreshed.
+    ``model``; tied parameters stay tied, RNN flat weights are refreshed, and
+    each parameter keeps its dtype.
 
     Raises:
         ValueError: the number of gradients differs from the number of
-            parameters (learn2learn prints a warning and truncates), or a
-            gradient's shape differs from its parameter's.
-        TypeError: ``grads`` is not a list, or an entry is neither a tensor nor ``None``.
+            parameters (learn2learn prints a warning and truncates), a
+            gradient's shape differs from its parameter's, or ``lr`` is
+            negative, not finite or overflows the parameters' dtype.
+        TypeError: ``grads`` is not a list, an entry is neither a tensor nor
+            ``None``, or ``lr`` is neither a number nor a tensor.
 
     Examples:
         >>> import torch, fparams
@@ -230,14 +304,17 @@ def maml_update(model: nn.Module, lr: Any, grads: Optional[Sequence[Optional[Ten
         >>> model.weight.grad_fn is not None
         True
     """
-    where = "fparams.maml_update"
-    _check_module(where, model)
+    _check_module(model)
+    modules = tree(model)
+    params = unique_params(modules)
+    check_rate(lr, model)
     if grads is None:
-        return update_module(model)
-    grads = _check_list(where, "grads", grads, len(unique_params(tree(model))))
-    return _update(where, model, [None if g is None else -lr * g for g in grads])
+        return _update_module(model, None)
+    found = _check_entries(model, "grads", params, _check_list(model, "grads", grads, len(params)))
+    return _write(model, {k: -lr * g for k, g in found.items()}, None, modules)
 
 
+@public("meta_sgd_update")
 def meta_sgd_update(
     model: nn.Module,
     lrs: Optional[Sequence[Any]] = None,
@@ -246,17 +323,19 @@ def meta_sgd_update(
     """learn2learn's Meta-SGD step on a module, in place: ``p - lr_p * g_p``, keeping the graph.
 
     ``lrs`` and ``grads`` each hold one entry per tensor of
-    ``model.parameters()`` (a rate tensor of the parameter's shape, or a
-    number; a gradient, or ``None`` to skip). Returns ``model``.
+    ``model.parameters()`` (a rate: a finite number >= 0, or a tensor that
+    broadcasts to the parameter's shape; a gradient, or ``None`` to skip).
+    Returns ``model``; each parameter keeps its dtype.
 
     learn2learn also accepts ``lrs=None, grads=None`` and then reads ``.grad``
     and an ``._lr`` attribute it stashed on the parameters earlier; fparams
     keeps no state on tensors, so both are required.
 
     Raises:
-        ValueError: ``lrs`` or ``grads`` is missing, or their length differs
-            from the number of parameters.
-        TypeError: ``lrs`` or ``grads`` is not a list.
+        ValueError: ``lrs`` or ``grads`` is missing, their length differs
+            from the number of parameters, or a rate is out of range.
+        TypeError: ``lrs`` or ``grads`` is not a list, or an entry has the
+            wrong type.
 
     Examples:
         >>> import torch, fparams
@@ -269,29 +348,25 @@ def meta_sgd_update(
         >>> lrs[0].grad is not None
         True
     """
-    where = "fparams.meta_sgd_update"
-    _check_module(where, model)
+    _check_module(model)
     if lrs is None or grads is None:
         missing = [name for name, v in (("lrs", lrs), ("grads", grads)) if v is None]
-        raise ValueError(
-            f"{where}: {' and '.join(f'`{m}`' for m in missing)} missing; give one learning rate and "
+        raise FparamsValueError(
+            f"{' and '.join(f'`{m}`' for m in missing)} missing; give one learning rate and "
             f"one gradient per tensor of model.parameters() (learn2learn reads them from attributes "
             f"stashed on the tensors, which fparams does not keep)."
         )
-    count = len(unique_params(tree(model)))
-    rates = _check_list(where, "lrs", lrs, count)
-    grads = _check_list(where, "grads", grads, count)
-    return _update(where, model, [None if g is None else -lr * g for lr, g in zip(rates, grads)])
+    modules = tree(model)
+    params = unique_params(modules)
+    rates = _check_list(model, "lrs", lrs, len(params))
+    for i, rate in enumerate(rates):
+        check_rate(rate, model, i)
+    found = _check_entries(model, "grads", params, _check_list(model, "grads", grads, len(params)))
+    by_id = {id(p): rate for p, rate in zip(params, rates)}
+    return _write(model, {k: -by_id[k] * g for k, g in found.items()}, None, modules)
 
 
-def _update(where: str, model: nn.Module, updates: List[Optional[Tensor]]) -> nn.Module:
-    # update_module's checks, worded for the caller
-    try:
-        return update_module(model, updates=updates)
-    except (TypeError, ValueError) as err:
-        raise type(err)(str(err).replace("update_module:", f"{where}:", 1)) from None
-
-
+@public("clone_parameters")
 def clone_parameters(param_list: Sequence[Tensor]) -> List[Tensor]:
     """learn2learn's ``clone_parameters``: ``[p.clone() for p in param_list]``, still in the graph.
 
@@ -303,19 +378,20 @@ def clone_parameters(param_list: Sequence[Tensor]) -> List[Tensor]:
         tensor([1., 1.])
     """
     if isinstance(param_list, (Tensor, Mapping)) or not isinstance(param_list, Iterable):
-        raise TypeError(
-            f"fparams.clone_parameters: `param_list` must be a list of tensors (e.g. "
+        raise FparamsTypeError(
+            f"`param_list` must be a list of tensors (e.g. "
             f"list(model.parameters())); got {type(param_list).__name__}."
         )
     values = list(param_list)
     for i, p in enumerate(values):
         if not isinstance(p, Tensor):
-            raise TypeError(
-                f"fparams.clone_parameters: `param_list[{i}]` is a {type(p).__name__}, not a tensor."
+            raise FparamsTypeError(
+                f"`param_list[{i}]` is a {type(p).__name__}, not a tensor."
             )
     return [p.clone() for p in values]
 
 
+@public("clone_named_parameters")
 def clone_named_parameters(param_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     """learn2learn's ``clone_named_parameters``: ``{k: p.clone()}``, still in the graph.
 
@@ -326,88 +402,27 @@ def clone_named_parameters(param_dict: Mapping[str, Tensor]) -> Dict[str, Tensor
         ['bias', 'weight']
     """
     if not isinstance(param_dict, Mapping):
-        raise TypeError(
-            f"fparams.clone_named_parameters: `param_dict` must be a dict of tensors (e.g. "
+        raise FparamsTypeError(
+            f"`param_dict` must be a dict of tensors (e.g. "
             f"dict(model.named_parameters())); got {type(param_dict).__name__}."
         )
     bad = sorted(str(k) for k, p in param_dict.items() if not isinstance(p, Tensor))
     if bad:
-        raise TypeError(f"fparams.clone_named_parameters: the values for {bad} are not tensors.")
+        raise FparamsTypeError(f"`param_dict` must map names to tensors; the values for {bad} are not.")
     return {k: p.clone() for k, p in param_dict.items()}
 
 
-# -- distributions ---------------------------------------------------------
+# The distribution shims live in their own module; re-exported here, where they were.
+from ._distributions import clone_distribution, detach_distribution  # noqa: E402
 
-_Memo = Dict[int, Tuple[Any, Any]]
-
-
-def _clone_value(value: Any, memo: _Memo) -> Any:
-    hit = memo.get(id(value))
-    if hit is not None and hit[0] is value:
-        return hit[1]
-    if isinstance(value, Tensor):
-        new: Any = value.clone() if value.requires_grad else value
-    elif isinstance(value, nn.Module):
-        new = clone_module(value)
-    elif isinstance(value, (Distribution, Transform)):
-        new = value.__new__(type(value))
-        new.__dict__ = {k: _clone_value(v, memo) for k, v in value.__dict__.items()}
-    elif isinstance(value, (list, tuple)):
-        new = type(value)(_clone_value(v, memo) for v in value)
-    else:
-        return value
-    memo[id(value)] = (value, new)
-    return new
-
-
-def clone_distribution(dist: Distribution) -> Distribution:
-    """A copy of a ``torch.distributions`` object that stays in the graph.
-
-    Tensors that require grad are cloned; modules are cloned with
-    :func:`clone_module`; nested distributions and transforms (and lists of
-    them) are cloned recursively. The original is not changed.
-
-    Examples:
-        >>> import torch, fparams
-        >>> loc = torch.zeros(2, requires_grad=True)
-        >>> d = fparams.clone_distribution(torch.distributions.Normal(loc, 1.0))
-        >>> d.log_prob(torch.ones(2)).sum().backward(); loc.grad
-        tensor([1., 1.])
-    """
-    check_instance("fparams.clone_distribution", "dist", dist, Distribution, _A_DISTRIBUTION)
-    return _clone_value(dist, {})
-
-
-def _detach_value(value: Any, seen: Dict[int, Any]) -> Any:
-    if isinstance(value, Tensor):
-        return value.detach() if value.requires_grad else value
-    if id(value) in seen:
-        return value
-    if isinstance(value, nn.Module):
-        seen[id(value)] = value
-        detach_module(value)
-    elif isinstance(value, (Distribution, Transform)):
-        seen[id(value)] = value
-        for k, v in list(value.__dict__.items()):
-            value.__dict__[k] = _detach_value(v, seen)
-    elif isinstance(value, (list, tuple)):
-        return type(value)(_detach_value(v, seen) for v in value)
-    return value
-
-
-def detach_distribution(dist: Distribution) -> Distribution:
-    """Detach a ``torch.distributions`` object from the graph, in place.
-
-    Tensors that require grad are replaced by detached ones, modules are
-    detached with :func:`detach_module` (and kept), nested distributions and
-    transforms are detached recursively. Returns ``dist``.
-
-    Examples:
-        >>> import torch, fparams
-        >>> loc = torch.zeros(2, requires_grad=True)
-        >>> d = fparams.detach_distribution(torch.distributions.Normal(loc * 2, 1.0))
-        >>> d.loc.requires_grad
-        False
-    """
-    check_instance("fparams.detach_distribution", "dist", dist, Distribution, _A_DISTRIBUTION)
-    return _detach_value(dist, {})
+__all__ = [
+    "clone_distribution",
+    "clone_module",
+    "clone_named_parameters",
+    "clone_parameters",
+    "detach_distribution",
+    "detach_module",
+    "maml_update",
+    "meta_sgd_update",
+    "update_module",
+]

@@ -7,6 +7,8 @@ from typing import List, Mapping, Tuple
 
 from torch import Tensor
 
+from ._errors import FparamsTypeError, public
+
 _COLUMNS = ("name", "shape", "dtype", "requires_grad", "device")
 
 
@@ -59,6 +61,7 @@ def _size(nbytes: int) -> str:
     raise AssertionError("unreachable")
 
 
+@public("summary")
 def summary(tensors: Mapping[str, Tensor]) -> Summary:
     """A table of a params or buffers dict: name, shape, dtype, requires_grad and device per
     tensor, then the number of tensors, elements and bytes.
@@ -76,14 +79,14 @@ def summary(tensors: Mapping[str, Tensor]) -> Summary:
         2 tensors, 8 elements, 32 B
     """
     if not isinstance(tensors, Mapping):
-        raise TypeError(
-            f"fparams.summary: `tensors` must be a dict of tensors, such as the params or buffers "
+        raise FparamsTypeError(
+            f"`tensors` must be a dict of tensors, such as the params or buffers "
             f"of fparams.split(module); got {type(tensors).__name__}."
         )
     wrong = sorted(str(k) for k, v in tensors.items() if not isinstance(v, Tensor))
     if wrong:
-        raise TypeError(
-            f"fparams.summary: `tensors` must hold tensors only; these keys do not: "
+        raise FparamsTypeError(
+            f"`tensors` must hold tensors only; these keys do not: "
             f"{', '.join(repr(k) for k in wrong)}."
         )
     rows = [

@@ -54,18 +54,16 @@ Example, a script started with ``torchrun --nproc_per_node=2 train.py``::
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
-import zlib
 from datetime import timedelta
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union, overload
+from typing import Any, Dict, Iterable, Mapping, Optional, Union, overload
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._checks import check_int
+from . import _collectives as col
+from ._errors import FparamsRuntimeError, FparamsTypeError, FparamsValueError, public
 
 __all__ = [
     "all_reduce_buffers",
@@ -78,26 +76,14 @@ __all__ = [
     "shutdown",
 ]
 
-_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-_HINT = (
-    "Launch the script with `torchrun --nproc_per_node=N script.py` and call "
-    "fparams.distributed.init_from_env() (or torch.distributed.init_process_group(...)) first."
-)
-
-Entries = List[Tuple[str, Tensor]]
 
 
-def _require_group(where: str) -> None:
-    if not dist.is_available():
-        raise RuntimeError(f"{where}: this build of torch has no torch.distributed support.")
-    if not dist.is_initialized():
-        raise RuntimeError(f"{where}: the default process group is not initialised. {_HINT}")
 
 
-def _initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
+
+@public("distributed.init_from_env")
 def init_from_env(*, backend: Optional[str] = None, timeout: Optional[timedelta] = None) -> bool:
     """Initialise the default process group from the variables ``torchrun`` sets.
 
@@ -122,47 +108,35 @@ def init_from_env(*, backend: Optional[str] = None, timeout: Optional[timedelta]
         >>> fd.init_from_env()  # run with plain `python`: no torchrun variables
         False
     """
-    where = "fparams.distributed.init_from_env"
     if timeout is not None and not isinstance(timeout, timedelta):
-        raise TypeError(
-            f"{where}: `timeout` must be a datetime.timedelta, e.g. timedelta(seconds=60); "
+        raise FparamsTypeError(
+            f"`timeout` must be a datetime.timedelta, e.g. timedelta(seconds=60); "
             f"got {type(timeout).__name__}."
         )
-    if _initialized():
+    if col._initialized():
         return True
-    present = [v for v in _ENV if v in os.environ]
+    present = [v for v in col._ENV if v in os.environ]
     if not present:
         return False
-    missing = [v for v in _ENV if v not in os.environ]
+    missing = [v for v in col._ENV if v not in os.environ]
     if missing:
-        raise RuntimeError(
-            f"{where}: found {present} in the environment but not {missing}. torchrun sets all of "
+        raise FparamsRuntimeError(
+            f"found {present} in the environment but not {missing}. torchrun sets all of "
             f"them; when launching processes yourself, set every one."
         )
     if not dist.is_available():
-        raise RuntimeError(
-            f"{where}: torchrun variables are set, but this build of torch has no distributed."
+        raise FparamsRuntimeError(
+            "torchrun variables are set, but this build of torch has no distributed."
         )
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     kwargs: Dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if "nccl" in backend:
-        kwargs["device_id"] = _cuda_device(where)
+        kwargs["device_id"] = col._cuda_device()
     dist.init_process_group(backend=backend, **kwargs)
     return True
 
 
-def _cuda_device(where: str) -> torch.device:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if local >= count:
-        raise RuntimeError(
-            f"{where}: the NCCL backend needs one GPU per process, but LOCAL_RANK={local} and this "
-            f"machine shows {count} GPU(s). Start at most {count} processes per machine "
-            f"(torchrun --nproc_per_node={count}), or use backend='gloo'."
-        )
-    torch.cuda.set_device(local)
-    return torch.device("cuda", local)
 
 
 def shutdown() -> None:
@@ -172,7 +146,7 @@ def shutdown() -> None:
         >>> import fparams.distributed as fd
         >>> fd.shutdown()
     """
-    if _initialized():
+    if col._initialized():
         dist.destroy_process_group()
 
 
@@ -186,14 +160,12 @@ def is_main_process() -> bool:
         >>> fd.is_main_process()
         True
     """
-    return not _initialized() or dist.get_rank() == 0
+    return not col._initialized() or dist.get_rank() == 0
 
 
-def _check_int(where: str, arg: str, value: object, low: int) -> int:
-    check_int(where, arg, value, low)
-    return int(value)  # type: ignore[call-overload]
 
 
+@public("distributed.shard_tasks")
 def shard_tasks(num_tasks: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> slice:
     """This rank's contiguous share of a meta-batch of ``num_tasks`` tasks.
 
@@ -214,161 +186,50 @@ def shard_tasks(num_tasks: int, rank: Optional[int] = None, world_size: Optional
         >>> [fd.shard_tasks(5, rank=r, world_size=2) for r in range(2)]
         [slice(0, 3, None), slice(3, 5, None)]
     """
-    where = "fparams.distributed.shard_tasks"
-    num_tasks = _check_int(where, "num_tasks", num_tasks, 0)
+    num_tasks = col._check_int("num_tasks", num_tasks, 0)
     if (rank is None) != (world_size is None):
-        raise ValueError(
-            f"{where}: pass both `rank` and `world_size`, or neither to use the process group's; "
+        raise FparamsValueError(
+            f"pass both `rank` and `world_size`, or neither to use the process group's; "
             f"got rank={rank!r}, world_size={world_size!r}."
         )
     if rank is None or world_size is None:
-        if not _initialized():
-            raise RuntimeError(
-                f"{where}: no `rank` / `world_size` given and the default process group is not "
-                f"initialised. {_HINT} Or pass rank= and world_size=."
+        if not col._initialized():
+            raise FparamsRuntimeError(
+                f"no `rank` / `world_size` given and the default process group is not "
+                f"initialised. {col._HINT} Or pass rank= and world_size=."
             )
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    world_size = _check_int(where, "world_size", world_size, 1)
-    rank = _check_int(where, "rank", rank, 0)
+    world_size = col._check_int("world_size", world_size, 1)
+    rank = col._check_int("rank", rank, 0)
     if rank >= world_size:
-        raise ValueError(
-            f"{where}: `rank` must be below `world_size`; got rank={rank}, world_size={world_size}."
+        raise FparamsValueError(
+            f"`rank` must be below `world_size`; got rank={rank}, world_size={world_size}."
         )
     base, extra = divmod(num_tasks, world_size)
     start = rank * base + min(rank, extra)
     return slice(start, start + base + (1 if rank < extra else 0))
 
 
-# ---------------------------------------------------------------------------
-# Collectives over dicts, modules and iterables of tensors.
-#
-# Every helper runs the same three steps on every rank:
-#   1. gather its entries as (name, tensor) pairs: a dict sorted by name (so
-#      ranks agree on the order whatever the insertion order), a module's
-#      named parameters or buffers, or an iterable numbered 0, 1, ...;
-#   2. one small all_gather of (weight, layout hash, missing-grad flag) per
-#      rank: the ranks check that they hold the same names, shapes and dtypes
-#      (a mismatch would otherwise hang or mix up values), and every rank
-#      sums the same weights in the same order;
-#   3. one collective per (device, dtype) bucket on the flattened tensors.
-# ---------------------------------------------------------------------------
 
 
-def _entries(where: str, arg: str, target: object, kind: str) -> Tuple[bool, Entries]:
-    """``(in_place, entries)`` for a dict, a module or an iterable of tensors."""
-    if isinstance(target, Mapping):
-        items = sorted(target.items(), key=lambda kv: str(kv[0]))
-        bad = [str(k) for k, t in items if not isinstance(t, Tensor)]
-        if bad:
-            raise TypeError(f"{where}: `{arg}` must map names to tensors; not tensors: {bad}.")
-        return False, [(str(k), t) for k, t in items]
-    if isinstance(target, nn.Module):
-        named = target.named_buffers() if kind == "buffers" else target.named_parameters()
-        return True, list(named)
-    if isinstance(target, Tensor) or not isinstance(target, Iterable):
-        raise TypeError(
-            f"{where}: `{arg}` must be a dict of tensors, an nn.Module or an iterable of tensors "
-            f"(module.parameters()); got {type(target).__name__}."
-        )
-    items = [(str(i), t) for i, t in enumerate(target)]
-    bad = [k for k, t in items if not isinstance(t, Tensor)]
-    if bad:
-        raise TypeError(f"{where}: `{arg}` must hold only tensors; not tensors at positions {bad}.")
-    return True, items
 
 
-def _check_dense(where: str, entries: Entries) -> None:
-    sparse = [k for k, t in entries if t.layout != torch.strided]
-    if sparse:
-        raise TypeError(f"{where}: only dense (strided) tensors are supported; sparse: {sparse}.")
 
 
-def _weight(where: str, weight: object) -> float:
-    if weight is None:
-        return 1.0
-    if isinstance(weight, Tensor) and weight.numel() == 1:
-        weight = weight.item()
-    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
-        raise TypeError(
-            f"{where}: `weight` must be a number (this rank's task count) or None; "
-            f"got {type(weight).__name__}."
-        )
-    w = float(weight)
-    if not math.isfinite(w) or w < 0:
-        raise ValueError(
-            f"{where}: `weight` must be finite and >= 0 (this rank's task count); got {weight!r}."
-        )
-    return w
 
 
-def _comm_device(entries: Entries, group: Any) -> torch.device:
-    if entries:
-        return entries[0][1].device
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
-def _layout_hash(entries: Entries) -> int:
-    layout = [(k, tuple(t.shape), str(t.dtype)) for k, t in entries]
-    return zlib.crc32(repr(layout).encode())
 
 
-def _agree(
-    where: str, entries: Entries, weight: float, missing: bool, group: Any
-) -> Tuple[List[float], bool]:
-    """Step 2: every rank's weight, and whether any rank lacks a gradient."""
-    device = _comm_device(entries, group)
-    mine = torch.tensor(
-        [weight, float(_layout_hash(entries)), float(missing)], dtype=torch.float64, device=device
-    )
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
-    rows = [row.tolist() for row in gathered]
-    differ = [r for r, row in enumerate(rows) if row[1] != rows[0][1]]
-    if differ:
-        shown = ", ".join(f"{k}{tuple(t.shape)} {t.dtype}" for k, t in entries[:8])
-        more = f" and {len(entries) - 8} more" if len(entries) > 8 else ""
-        raise ValueError(
-            f"{where}: the ranks passed different tensors: the names, shapes or dtypes on rank(s) "
-            f"{differ} differ from rank 0's. Every rank must pass the same structure (the same model "
-            f"and the same dict keys). This rank has {len(entries)}: {shown}{more}."
-        )
-    return [row[0] for row in rows], any(row[2] for row in rows)
 
 
-def _buckets(entries: Entries) -> Dict[Tuple[torch.device, torch.dtype], List[int]]:
-    out: Dict[Tuple[torch.device, torch.dtype], List[int]] = {}
-    for i, (_, t) in enumerate(entries):
-        out.setdefault((t.device, t.dtype), []).append(i)
-    return out
 
 
-def _flat_collective(tensors: List[Tensor], op: Any) -> List[Tensor]:
-    """Run ``op(flat)`` on each (device, dtype) bucket; the results in input order."""
-    out: List[Tensor] = list(tensors)
-    for idx in _buckets([("", t) for t in tensors]).values():
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
-        op(flat)
-        for i, chunk in zip(idx, flat.split([tensors[i].numel() for i in idx])):
-            out[i] = chunk.view(tensors[i].shape)
-    return out
 
 
-def _weighted_sum(tensors: List[Tensor], scale: float, group: Any) -> List[Tensor]:
-    def op(flat: Tensor) -> None:
-        if scale != 1.0:
-            flat.mul_(scale)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-
-    return _flat_collective(tensors, op)
 
 
-def _scale(where: str, weights: List[float], weight: float) -> float:
-    total = math.fsum(weights)
-    if total == 0:
-        raise ValueError(f"{where}: every rank passed weight=0, so there is nothing to average.")
-    return weight / total
 
 
 @overload
@@ -383,6 +244,7 @@ def all_reduce_grads(
 ) -> None: ...
 
 
+@public("distributed.all_reduce_grads")
 def all_reduce_grads(
     grads: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]],
     weight: Optional[float] = None,
@@ -422,38 +284,17 @@ def all_reduce_grads(
         {'w': tensor([1., 2.])}
         >>> dist.destroy_process_group()
     """
-    where = "fparams.distributed.all_reduce_grads"
-    _require_group(where)
-    w = _weight(where, weight)
-    in_place, entries = _entries(where, "grads", grads, "grads")
+    col._require_group()
+    w = col._weight(weight)
+    in_place, entries = col._entries("grads", grads, "grads")
     if not in_place:
-        _check_dense(where, entries)
-        weights, _ = _agree(where, entries, w, False, group)
+        col._check_dense(entries)
+        weights, _ = col._agree(entries, w, False, group)
         with torch.no_grad():
-            summed = _weighted_sum([t for _, t in entries], _scale(where, weights, w), group)
-        return _in_order(grads, {k: t for (k, _), t in zip(entries, summed)})
+            summed = col._weighted_sum([t for _, t in entries], col._scale(weights, w), group)
+        return col._in_order(grads, {k: t for (k, _), t in zip(entries, summed)})
 
-    params = [(k, p) for k, p in entries if p.requires_grad]
-    have = [p.grad is not None for _, p in params]
-    _check_dense(where, [(k, p.grad) for k, p in params if p.grad is not None])
-    weights, any_missing = _agree(where, params, w, not all(have), group)
-    scale = _scale(where, weights, w)
-    if any_missing:
-        # Some rank lacks some .grad: reduce only what exists on some rank.
-        found = torch.tensor(have, dtype=torch.uint8, device=_comm_device(params, group))
-        dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
-        have_any = [bool(v) for v in found.tolist()]
-    else:
-        have_any = have
-    reduce = [p for (_, p), any_ in zip(params, have_any) if any_]
-    with torch.no_grad():
-        local = [p.grad if p.grad is not None else torch.zeros_like(p) for p in reduce]
-        summed = _weighted_sum(local, scale, group)
-        for p, g in zip(reduce, summed):
-            if p.grad is None:
-                p.grad = g.clone()
-            else:
-                p.grad.copy_(g)
+    col._reduce_param_grads(entries, w, group)
     return None
 
 
@@ -469,6 +310,7 @@ def all_reduce_buffers(
 ) -> None: ...
 
 
+@public("distributed.all_reduce_buffers")
 def all_reduce_buffers(
     buffers: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]],
     weight: Optional[float] = None,
@@ -504,61 +346,18 @@ def all_reduce_buffers(
         tensor([1., 1.])
         >>> dist.destroy_process_group()
     """
-    where = "fparams.distributed.all_reduce_buffers"
-    _require_group(where)
-    w = _weight(where, weight)
-    in_place, entries = _entries(where, "buffers", buffers, "buffers")
-    _check_dense(where, entries)
-    weights, _ = _agree(where, entries, w, False, group)
-    scale = _scale(where, weights, w)
-    floating = [i for i, (_, t) in enumerate(entries) if t.is_floating_point() or t.is_complex()]
-    others = sorted(set(range(len(entries))) - set(floating))
-    with torch.no_grad():
-        results: List[Tensor] = [t for _, t in entries]
-        averaged = _weighted_sum([entries[i][1] for i in floating], scale, group)
-        maxed = _flat_collective(
-            [entries[i][1] for i in others],
-            lambda flat: dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group),
-        )
-        for i, t in zip(floating + others, averaged + maxed):
-            results[i] = t
-        return _write_back(buffers, in_place, entries, results)
+    col._require_group()
+    w = col._weight(weight)
+    in_place, entries = col._entries("buffers", buffers, "buffers")
+    col._check_dense(entries)
+    results = col._average_buffers(entries, w, group)
+    return col._write_back(buffers, in_place, entries, results)
 
 
-def _in_order(target: Any, by_name: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """``by_name`` in the key order of the dict the caller passed."""
-    return {str(k): by_name[str(k)] for k in target}
 
 
-def _write_back(
-    target: Any, in_place: bool, entries: Entries, results: List[Tensor]
-) -> Optional[Dict[str, Tensor]]:
-    if not in_place:
-        fresh = {k: r.clone().requires_grad_(t.requires_grad) for (k, t), r in zip(entries, results)}
-        return _in_order(target, fresh)
-    with torch.no_grad():
-        for (_, t), r in zip(entries, results):
-            t.copy_(r)
-    return None
 
 
-def _broadcast(
-    where: str, arg: str, target: object, kind: str, src: int, group: Any
-) -> Optional[Dict[str, Tensor]]:
-    _require_group(where)
-    src = _check_int(where, "src", src, 0)
-    if src >= dist.get_world_size():
-        raise ValueError(
-            f"{where}: `src` must be a rank below the world size {dist.get_world_size()}; got {src}."
-        )
-    in_place, entries = _entries(where, arg, target, kind)
-    _check_dense(where, entries)
-    _agree(where, entries, 1.0, False, group)
-    with torch.no_grad():
-        results = _flat_collective(
-            [t for _, t in entries], lambda flat: dist.broadcast(flat, src=src, group=group)
-        )
-        return _write_back(target, in_place, entries, results)
 
 
 @overload
@@ -573,6 +372,7 @@ def broadcast_params(
 ) -> None: ...
 
 
+@public("distributed.broadcast_params")
 def broadcast_params(
     params: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]], src: int = 0, *, group: Any = None
 ) -> Optional[Dict[str, Tensor]]:
@@ -597,7 +397,7 @@ def broadcast_params(
         {'w': tensor([1., 1.], requires_grad=True)}
         >>> dist.destroy_process_group()
     """
-    return _broadcast("fparams.distributed.broadcast_params", "params", params, "params", src, group)
+    return col._broadcast("params", params, "params", src, group)
 
 
 @overload
@@ -612,6 +412,7 @@ def broadcast_buffers(
 ) -> None: ...
 
 
+@public("distributed.broadcast_buffers")
 def broadcast_buffers(
     buffers: Union[Mapping[str, Tensor], nn.Module, Iterable[Tensor]], src: int = 0, *, group: Any = None
 ) -> Optional[Dict[str, Tensor]]:
@@ -636,4 +437,4 @@ def broadcast_buffers(
         0
         >>> dist.destroy_process_group()
     """
-    return _broadcast("fparams.distributed.broadcast_buffers", "buffers", buffers, "buffers", src, group)
+    return col._broadcast("buffers", buffers, "buffers", src, group)

@@ -28,6 +28,8 @@ LAYERS = {
     "_compile": 3,
     "_module_api": 4,
     "_dice": 4,
+    # --- core ---
+    "_distributions": 4,
     "optim": 5,
     "_norms": 5,
     "_grads": 5,
@@ -42,6 +44,8 @@ LAYERS = {
     # tests/test_tasks_layout.py orders its files.
     "_maml": 8,
     "distributed": 9,
+    # --- core ---
+    "_collectives": 9,
     "demo": 10,
 }
 

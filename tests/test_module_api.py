@@ -432,16 +432,16 @@ def _mlp() -> nn.Module:
 
 SHIM_ERRORS = [
     pytest.param(lambda: fparams.update_module(_mlp(), [torch.ones(6, 4)] * 3), ValueError,
-                 r"update_module: got 3 updates for 4 parameters; give one update \(or None\) per tensor "
-                 r"of module\.parameters\(\), in that order\.", id="too-few"),
+                 r"^fparams\.update_module: got 3 updates for 4 parameters; give one update \(or None\) per "
+                 r"tensor of module\.parameters\(\), in that order\.$", id="too-few"),
     pytest.param(lambda: fparams.update_module(_mlp(), [None] * 5), ValueError,
                  r"update_module: got 5 updates for 4 parameters", id="too-many"),
     pytest.param(lambda: fparams.update_module(_mlp(), [None, None, torch.ones(6, 2), None]), ValueError,
                  r"update_module: the update for parameter '2\.weight' has shape \(6, 2\) but the parameter "
                  r"has shape \(2, 6\)\.", id="shape"),
     pytest.param(lambda: fparams.update_module(_mlp(), [None, 0.5, None, None]), TypeError,
-                 r"update_module: the update for parameter '0\.bias' is a float; updates must be tensors "
-                 r"\(or None to skip\)\.", id="non-tensor"),
+                 r"^fparams\.update_module: the update for parameter '0\.bias' is float 0\.5; `updates` must "
+                 r"hold tensors \(or None to skip\)\.$", id="non-tensor"),
     pytest.param(lambda: fparams.update_module(_mlp(), torch.ones(6, 4)), TypeError,
                  r"update_module: `updates` must be a list with one tensor per parameter; got a single "
                  r"tensor\. Wrap it in a list: updates=\[u\]\.", id="single-tensor"),

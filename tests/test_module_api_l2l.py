@@ -121,7 +121,7 @@ def _bad_calls() -> List[Any]:
         (
             lambda: fparams.maml_update(net, 0.1, [torch.ones(3), None]),
             ValueError,
-            r"fparams.maml_update: the update for parameter 'weight' has shape \(3,\)",
+            r"fparams.maml_update: the gradient for parameter 'weight' has shape \(3,\)",
         ),
         (
             lambda: fparams.meta_sgd_update(net, grads=ps),
@@ -161,7 +161,8 @@ def _bad_calls() -> List[Any]:
         (
             lambda: fparams.clone_named_parameters({"b": 1, "a": ps[0]}),
             TypeError,
-            r"the values for \['b'\] are not tensors",
+            r"fparams.clone_named_parameters: `param_dict` must map names to tensors; the values for \['b'\] "
+            r"are not\.",
         ),
     ]
 

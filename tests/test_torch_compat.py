@@ -166,3 +166,11 @@ def test_version_counters_functorch_unwrapping_and_graph_reachability() -> None:
     torch.func.vmap(probe)(torch.ones(3, 2, requires_grad=True))
     assert seen == [(True, torch.Size([3, 2]))]
     assert isinstance(compat.dynamo_frames(), int)
+# --- core ---
+
+
+def test_the_version_counter_probe_found_it() -> None:
+    t = compat.torch.zeros(2)
+    before = compat.version(t)
+    t.add_(1)
+    assert compat.VERSION_COUNTERS and compat.version(t) == before + 1
