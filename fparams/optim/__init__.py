@@ -26,7 +26,25 @@ Examples:
 """
 
 from ._alias import AdamState, AdamWState, RmspropState, SgdState, adam, adamw, higher_adam, rmsprop, sgd
-from ._base import EmptyState, GradientTransformation, Hyper, InitFn, OptState, UpdateFn
+from ._alias_torch import (
+    AdadeltaState,
+    AdafactorState,
+    AdagradState,
+    AdamaxState,
+    AsgdState,
+    NadamState,
+    RadamState,
+    RpropState,
+    adadelta,
+    adafactor,
+    adagrad,
+    adamax,
+    asgd,
+    nadam,
+    radam,
+    rprop,
+)
+from ._base import CountState, EmptyState, GradientTransformation, Hyper, InitFn, OptState, Schedule, UpdateFn
 from ._transforms import (
     ScaleByAdamState,
     ScaleByRmsState,
@@ -42,6 +60,24 @@ from ._transforms import (
 )
 
 __all__ = [
+    "AdadeltaState",
+    "AdafactorState",
+    "AdagradState",
+    "AdamaxState",
+    "AsgdState",
+    "CountState",
+    "NadamState",
+    "RadamState",
+    "RpropState",
+    "Schedule",
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adamax",
+    "asgd",
+    "nadam",
+    "radam",
+    "rprop",
     "AdamState",
     "AdamWState",
     "EmptyState",

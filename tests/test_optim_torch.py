@@ -1,0 +1,151 @@
+"""Every fparams.optim optimizer against torch.optim: 20-step float64 trajectories for each option,
+unused parameters (no gradient for the first steps) and per-parameter step counts."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import fparams
+import fparams.optim as optim
+
+STEPS = 20
+
+#: (fparams factory, torch.optim class, keyword sets; each set is one option)
+OPTIMIZERS: List[Tuple[Callable[..., Any], type, List[Dict[str, Any]]]] = [
+    (optim.sgd, torch.optim.SGD, [dict(lr=0.1), dict(lr=0.1, momentum=0.9, weight_decay=0.1),
+                                  dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.1, maximize=True)]),
+    (optim.adam, torch.optim.Adam, [dict(lr=0.05), dict(lr=0.05, amsgrad=True, weight_decay=0.1),
+                                    dict(lr=0.05, maximize=True)]),
+    (optim.adamw, torch.optim.AdamW, [dict(lr=0.05), dict(lr=0.05, maximize=True)]),
+    (optim.rmsprop, torch.optim.RMSprop, [dict(lr=0.01, centered=True, momentum=0.5), dict(maximize=True)]),
+    (optim.adagrad, torch.optim.Adagrad, [dict(), dict(lr=0.1, lr_decay=0.05), dict(weight_decay=0.1),
+                                          dict(initial_accumulator_value=0.5), dict(eps=1e-3),
+                                          dict(maximize=True)]),
+    (optim.adadelta, torch.optim.Adadelta, [dict(), dict(rho=0.5), dict(weight_decay=0.1),
+                                            dict(lr=0.5, eps=1e-4), dict(maximize=True)]),
+    (optim.adamax, torch.optim.Adamax, [dict(), dict(lr=0.05, betas=(0.5, 0.9)), dict(weight_decay=0.1),
+                                        dict(eps=1e-3), dict(maximize=True)]),
+    (optim.asgd, torch.optim.ASGD, [dict(), dict(lr=0.1, lambd=0.01, alpha=0.5), dict(t0=5),
+                                    dict(weight_decay=0.1), dict(maximize=True)]),
+    (optim.rprop, torch.optim.Rprop, [dict(), dict(lr=0.05, etas=(0.3, 1.5)), dict(step_sizes=(1e-3, 0.02)),
+                                      dict(maximize=True)]),
+    (optim.nadam, torch.optim.NAdam, [dict(), dict(momentum_decay=0.05), dict(weight_decay=0.1),
+                                      dict(weight_decay=0.1, decoupled_weight_decay=True),
+                                      dict(betas=(0.8, 0.9), eps=1e-3), dict(maximize=True)]),
+    (optim.radam, torch.optim.RAdam, [dict(), dict(betas=(0.8, 0.9)), dict(weight_decay=0.1),
+                                      dict(weight_decay=0.1, decoupled_weight_decay=True), dict(eps=1e-3),
+                                      dict(maximize=True)]),
+    (optim.adafactor, torch.optim.Adafactor, [dict(), dict(lr=0.05), dict(beta2_decay=-0.5),
+                                              dict(eps=(1e-20, 1e-2)), dict(d=2.0), dict(weight_decay=0.1),
+                                              dict(maximize=True)]),
+]
+
+CASES = [(f, cls, kw) for f, cls, kws in OPTIMIZERS for kw in kws]
+IDS = [f"{f.__name__}-" + ",".join(f"{k}={v}" for k, v in kw.items()) for f, _, kw in CASES]
+
+
+@pytest.fixture(autouse=True)
+def float64_default() -> Iterator[None]:
+    # torch.optim keeps scalars (NAdam's mu_product, ASGD's eta) in the default dtype
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+class Net(nn.Module):
+    """A small MLP with a branch ``late`` that the loss uses only from step ``late_from`` on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2, self.late = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(3, 2)
+
+    def forward(self, x: Tensor, use_late: bool) -> Tensor:
+        out = self.l2(torch.tanh(self.l1(x)))
+        return out + self.late(x) if use_late else out
+
+
+def _data(step: int) -> Tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+
+
+def _net() -> Net:
+    torch.manual_seed(0)
+    return Net().double()
+
+
+def _loss(out: Tensor, y: Tensor) -> Tensor:
+    return ((out - y) ** 2).mean()
+
+
+def torch_trajectory(cls: type, kw: Dict[str, Any], late_from: int) -> List[Dict[str, Tensor]]:
+    net = _net()
+    opt = cls(net.parameters(), **kw)
+    out = []
+    for t in range(STEPS):
+        x, y = _data(t)
+        opt.zero_grad(set_to_none=True)
+        _loss(net(x, t >= late_from), y).backward()
+        opt.step()
+        out.append({k: p.detach().clone() for k, p in net.named_parameters()})
+    return out
+
+
+def fparams_trajectory(
+    opt: optim.GradientTransformation, late_from: int, params: Optional[Dict[str, Tensor]] = None
+) -> List[Dict[str, Tensor]]:
+    net = _net()
+    start = dict(net.named_parameters())
+    params = {k: p.detach() for k, p in start.items()} if params is None else params
+    state = opt.init(params)
+    out = []
+    for t in range(STEPS):
+        x, y = _data(t)
+        used = {k: p for k, p in params.items() if t >= late_from or not k.startswith("late")}
+        live = {k: p.detach().requires_grad_() for k, p in used.items()}
+        loss = _loss(torch.func.functional_call(net, {**params, **live}, (x, t >= late_from)), y)
+        grads = dict(zip(live, torch.autograd.grad(loss, list(live.values()))))
+        updates, state = opt.update(grads, state, params)
+        assert set(updates) == set(grads)
+        params = fparams.apply_updates(params, updates)
+        out.append(dict(params))
+    return out
+
+
+def _compare(ours: List[Dict[str, Tensor]], ref: List[Dict[str, Tensor]]) -> None:
+    for t, (a, b) in enumerate(zip(ours, ref)):
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12, msg=lambda m, k=k, t=t: f"step {t} {k}: {m}")
+
+
+@pytest.mark.parametrize("factory,cls,kw", CASES, ids=IDS)
+def test_a_20_step_trajectory_equals_torch_optim(factory: Callable[..., Any], cls: type, kw: Dict[str, Any]) -> None:
+    _compare(fparams_trajectory(factory(**kw), late_from=0), torch_trajectory(cls, kw, late_from=0))
+
+
+@pytest.mark.parametrize("factory,cls,kw", CASES, ids=IDS)
+def test_a_param_without_gradients_is_left_alone_as_in_torch(
+    factory: Callable[..., Any], cls: type, kw: Dict[str, Any]
+) -> None:
+    # the `late` layer gets no gradient for 7 steps: torch skips it (p.grad is None), so weight decay and
+    # momentum leave it alone, and its own step count starts at its first gradient (bias correction)
+    ours, ref = fparams_trajectory(factory(**kw), late_from=7), torch_trajectory(cls, kw, late_from=7)
+    _compare(ours, ref)
+    start = dict(_net().named_parameters())
+    for t in range(7):
+        torch.testing.assert_close(ours[t]["late.weight"], start["late.weight"].detach(), rtol=0, atol=0)
+
+
+def test_the_step_counts_are_kept_per_parameter() -> None:
+    opt = optim.adam(0.1)
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    state = opt.init(params)
+    for t in range(3):
+        grads = {"a": torch.ones(2)} if t < 2 else {"a": torch.ones(2), "b": torch.ones(2)}
+        _, state = opt.update(grads, state, params)
+    assert {k: int(v) for k, v in state.adam.step.items()} == {"a": 3, "b": 1}
