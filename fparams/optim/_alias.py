@@ -54,7 +54,7 @@ class AdamState(NamedTuple):
     Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.adam(0.1).init({"w": torch.zeros(2)})
-        AdamState(weight_decay=EmptyState(), adam=ScaleByAdamState(step=0, mu={'w': float32[2]}, \
+        AdamState(weight_decay=EmptyState(), adam=ScaleByAdamState(step={'w': 0}, mu={'w': float32[2]}, \
 nu={'w': float32[2]}, nu_max={}), lr=EmptyState())
     """
 
@@ -89,7 +89,7 @@ class RmspropState(NamedTuple):
     Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.rmsprop().init({"w": torch.zeros(2)}).rms
-        ScaleByRmsState(nu={'w': float32[2]}, mu={})
+        ScaleByRmsState(step={'w': 0}, nu={'w': float32[2]}, mu={})
     """
 
     weight_decay: EmptyState

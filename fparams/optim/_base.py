@@ -66,7 +66,7 @@ class GradientTransformation(NamedTuple):
 
     def __repr__(self) -> str:
         owner = getattr(self.init, "__self__", None)
-        if isinstance(owner, Transform):
+        if isinstance(owner, Transform) and getattr(self.update, "__self__", None) is owner:
             return repr(owner)
         return f"GradientTransformation(init={self.init!r}, update={self.update!r})"
 
