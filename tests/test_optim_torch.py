@@ -16,32 +16,104 @@ STEPS = 20
 
 #: (fparams factory, torch.optim class, keyword sets; each set is one option)
 OPTIMIZERS: List[Tuple[Callable[..., Any], type, List[Dict[str, Any]]]] = [
-    (optim.sgd, torch.optim.SGD, [dict(lr=0.1), dict(lr=0.1, momentum=0.9, weight_decay=0.1),
-                                  dict(lr=0.1, momentum=0.9, nesterov=True), dict(lr=0.1, maximize=True)]),
-    (optim.adam, torch.optim.Adam, [dict(lr=0.05), dict(lr=0.05, amsgrad=True, weight_decay=0.1),
-                                    dict(lr=0.05, maximize=True)]),
+    (
+        optim.sgd,
+        torch.optim.SGD,
+        [
+            dict(lr=0.1),
+            dict(lr=0.1, momentum=0.9, weight_decay=0.1),
+            dict(lr=0.1, momentum=0.9, nesterov=True),
+            dict(lr=0.1, maximize=True),
+        ],
+    ),
+    (
+        optim.adam,
+        torch.optim.Adam,
+        [dict(lr=0.05), dict(lr=0.05, amsgrad=True, weight_decay=0.1), dict(lr=0.05, maximize=True)],
+    ),
     (optim.adamw, torch.optim.AdamW, [dict(lr=0.05), dict(lr=0.05, maximize=True)]),
     (optim.rmsprop, torch.optim.RMSprop, [dict(lr=0.01, centered=True, momentum=0.5), dict(maximize=True)]),
-    (optim.adagrad, torch.optim.Adagrad, [dict(), dict(lr=0.1, lr_decay=0.05), dict(weight_decay=0.1),
-                                          dict(initial_accumulator_value=0.5), dict(eps=1e-3),
-                                          dict(maximize=True)]),
-    (optim.adadelta, torch.optim.Adadelta, [dict(), dict(rho=0.5), dict(weight_decay=0.1),
-                                            dict(lr=0.5, eps=1e-4), dict(maximize=True)]),
-    (optim.adamax, torch.optim.Adamax, [dict(), dict(lr=0.05, betas=(0.5, 0.9)), dict(weight_decay=0.1),
-                                        dict(eps=1e-3), dict(maximize=True)]),
-    (optim.asgd, torch.optim.ASGD, [dict(), dict(lr=0.1, lambd=0.01, alpha=0.5), dict(t0=5),
-                                    dict(weight_decay=0.1), dict(maximize=True)]),
-    (optim.rprop, torch.optim.Rprop, [dict(), dict(lr=0.05, etas=(0.3, 1.5)), dict(step_sizes=(1e-3, 0.02)),
-                                      dict(maximize=True)]),
-    (optim.nadam, torch.optim.NAdam, [dict(), dict(momentum_decay=0.05), dict(weight_decay=0.1),
-                                      dict(weight_decay=0.1, decoupled_weight_decay=True),
-                                      dict(betas=(0.8, 0.9), eps=1e-3), dict(maximize=True)]),
-    (optim.radam, torch.optim.RAdam, [dict(), dict(betas=(0.8, 0.9)), dict(weight_decay=0.1),
-                                      dict(weight_decay=0.1, decoupled_weight_decay=True), dict(eps=1e-3),
-                                      dict(maximize=True)]),
-    (optim.adafactor, torch.optim.Adafactor, [dict(), dict(lr=0.05), dict(beta2_decay=-0.5),
-                                              dict(eps=(1e-20, 1e-2)), dict(d=2.0), dict(weight_decay=0.1),
-                                              dict(maximize=True)]),
+    (
+        optim.adagrad,
+        torch.optim.Adagrad,
+        [
+            dict(),
+            dict(lr=0.1, lr_decay=0.05),
+            dict(weight_decay=0.1),
+            dict(initial_accumulator_value=0.5),
+            dict(eps=1e-3),
+            dict(maximize=True),
+        ],
+    ),
+    (
+        optim.adadelta,
+        torch.optim.Adadelta,
+        [dict(), dict(rho=0.5), dict(weight_decay=0.1), dict(lr=0.5, eps=1e-4), dict(maximize=True)],
+    ),
+    (
+        optim.adamax,
+        torch.optim.Adamax,
+        [
+            dict(),
+            dict(lr=0.05, betas=(0.5, 0.9)),
+            dict(weight_decay=0.1),
+            dict(eps=1e-3),
+            dict(maximize=True),
+        ],
+    ),
+    (
+        optim.asgd,
+        torch.optim.ASGD,
+        [
+            dict(),
+            dict(lr=0.1, lambd=0.01, alpha=0.5),
+            dict(t0=5),
+            dict(weight_decay=0.1),
+            dict(maximize=True),
+        ],
+    ),
+    (
+        optim.rprop,
+        torch.optim.Rprop,
+        [dict(), dict(lr=0.05, etas=(0.3, 1.5)), dict(step_sizes=(1e-3, 0.02)), dict(maximize=True)],
+    ),
+    (
+        optim.nadam,
+        torch.optim.NAdam,
+        [
+            dict(),
+            dict(momentum_decay=0.05),
+            dict(weight_decay=0.1),
+            dict(weight_decay=0.1, decoupled_weight_decay=True),
+            dict(betas=(0.8, 0.9), eps=1e-3),
+            dict(maximize=True),
+        ],
+    ),
+    (
+        optim.radam,
+        torch.optim.RAdam,
+        [
+            dict(),
+            dict(betas=(0.8, 0.9)),
+            dict(weight_decay=0.1),
+            dict(weight_decay=0.1, decoupled_weight_decay=True),
+            dict(eps=1e-3),
+            dict(maximize=True),
+        ],
+    ),
+    (
+        optim.adafactor,
+        torch.optim.Adafactor,
+        [
+            dict(),
+            dict(lr=0.05),
+            dict(beta2_decay=-0.5),
+            dict(eps=(1e-20, 1e-2)),
+            dict(d=2.0),
+            dict(weight_decay=0.1),
+            dict(maximize=True),
+        ],
+    ),
 ]
 
 CASES = [(f, cls, kw) for f, cls, kws in OPTIMIZERS for kw in kws]
@@ -71,7 +143,9 @@ class Net(nn.Module):
 
 def _data(step: int) -> Tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(6, 2, generator=g, dtype=torch.float64)
+    return torch.randn(6, 3, generator=g, dtype=torch.float64), torch.randn(
+        6, 2, generator=g, dtype=torch.float64
+    )
 
 
 def _net() -> Net:
@@ -120,11 +194,15 @@ def fparams_trajectory(
 def _compare(ours: List[Dict[str, Tensor]], ref: List[Dict[str, Tensor]]) -> None:
     for t, (a, b) in enumerate(zip(ours, ref)):
         for k in b:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-12, msg=lambda m, k=k, t=t: f"step {t} {k}: {m}")
+            torch.testing.assert_close(
+                a[k], b[k], rtol=0, atol=1e-12, msg=lambda m, k=k, t=t: f"step {t} {k}: {m}"
+            )
 
 
 @pytest.mark.parametrize("factory,cls,kw", CASES, ids=IDS)
-def test_a_20_step_trajectory_equals_torch_optim(factory: Callable[..., Any], cls: type, kw: Dict[str, Any]) -> None:
+def test_a_20_step_trajectory_equals_torch_optim(
+    factory: Callable[..., Any], cls: type, kw: Dict[str, Any]
+) -> None:
     _compare(fparams_trajectory(factory(**kw), late_from=0), torch_trajectory(cls, kw, late_from=0))
 
 

@@ -45,19 +45,8 @@ from ._alias_torch import (
     rprop,
 )
 from ._base import CountState, EmptyState, GradientTransformation, Hyper, InitFn, OptState, Schedule, UpdateFn
-from ._transforms import (
-    ScaleByAdamState,
-    ScaleByRmsState,
-    TraceState,
-    add_decayed_weights,
-    chain,
-    identity,
-    named_chain,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_rms,
-    trace,
-)
+from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, scale_by_adam, scale_by_rms, trace
+from ._transforms import add_decayed_weights, chain, identity, named_chain, scale_by_learning_rate
 
 __all__ = [
     "AdadeltaState",

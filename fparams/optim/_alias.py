@@ -17,18 +17,9 @@ from torch import Tensor
 from .._checks import check_flag
 from .._errors import FparamsValueError, public
 from .._types import LR
-from ._base import EmptyState, GradientTransformation, Hyper, format_call, hyper, is_nonzero, state_repr
-from ._transforms import (
-    ScaleByAdamState,
-    ScaleByRmsState,
-    TraceState,
-    build_named,
-    make_adam,
-    make_decay,
-    make_lr,
-    make_rms,
-    make_trace,
-)
+from ._base import EmptyState, GradientTransformation, Hyper, format_call, is_nonzero, state_repr
+from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, make_adam, make_rms, make_trace
+from ._transforms import build_named, make_decay, make_lr
 
 
 class SgdState(NamedTuple):
@@ -102,8 +93,12 @@ class RmspropState(NamedTuple):
 
 
 def named(
-    name: str, state_type: Any, parts: Dict[str, GradientTransformation], shown: Dict[str, Any],
-    optional: Dict[str, Any], maximize: bool = False,
+    name: str,
+    state_type: Any,
+    parts: Dict[str, GradientTransformation],
+    shown: Dict[str, Any],
+    optional: Dict[str, Any],
+    maximize: bool = False,
 ) -> GradientTransformation:
     """A named chain that prints as its call: ``shown`` always, ``optional`` where not at its default."""
     check_flag("maximize", maximize)
@@ -143,8 +138,11 @@ def sgd(
         >>> state.momentum
         TraceState(step={'w': 2}, trace={'w': float32[2]})
     """
-    parts = dict(weight_decay=make_decay(weight_decay), momentum=make_trace(momentum, dampening, nesterov),
-                 lr=make_lr(lr))
+    parts = dict(
+        weight_decay=make_decay(weight_decay),
+        momentum=make_trace(momentum, dampening, nesterov),
+        lr=make_lr(lr),
+    )
     mom = parts["momentum"].init.__self__  # type: ignore[attr-defined]
     if nesterov and not isinstance(mom.momentum, Tensor) and not is_nonzero(mom.momentum):
         raise FparamsValueError(f"`nesterov=True` needs a `momentum` > 0; got momentum={momentum!r}.")
@@ -232,8 +230,12 @@ def rmsprop(
         >>> fparams.apply_updates(params, updates)
         {'w': tensor([1.0100])}
     """
-    parts = dict(weight_decay=make_decay(weight_decay), rms=make_rms(alpha, eps, centered).as_transformation(),
-                 momentum=make_trace(momentum).as_transformation(), lr=make_lr(lr))
+    parts = dict(
+        weight_decay=make_decay(weight_decay),
+        rms=make_rms(alpha, eps, centered).as_transformation(),
+        momentum=make_trace(momentum).as_transformation(),
+        lr=make_lr(lr),
+    )
     optional = dict(weight_decay=weight_decay, momentum=momentum, centered=centered)
     return named("rmsprop", RmspropState, parts, dict(lr=lr, alpha=alpha, eps=eps), optional, maximize)
 

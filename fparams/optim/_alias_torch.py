@@ -18,6 +18,7 @@ from .._errors import FparamsTypeError, FparamsValueError, public
 from .._types import LR
 from ._alias import named
 from ._base import EmptyState, GradientTransformation, Hyper, hyper, state_repr
+from ._moments import check_betas_schedules
 from ._scalers import (
     AdafactorRule,
     AsgdRule,
@@ -36,7 +37,7 @@ from ._scalers import (
     ScaleByRadamState,
     ScaleByRpropState,
 )
-from ._transforms import check_betas_schedules, make_decay, make_lr
+from ._transforms import make_decay, make_lr
 
 
 def _state(cls: Any) -> Any:
@@ -138,7 +139,9 @@ def adagrad(
     check_hyper("initial_accumulator_value", initial_accumulator_value)
     rule = ScaleByAdagrad(hyper("lr_decay", lr_decay), float(initial_accumulator_value), hyper("eps", eps))
     parts = dict(weight_decay=make_decay(weight_decay), adagrad=rule.as_transformation(), lr=make_lr(lr))
-    optional = dict(lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value)
+    optional = dict(
+        lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value
+    )
     return named("adagrad", AdagradState, parts, dict(lr=lr), {**optional, "eps": eps}, maximize)
 
 
@@ -218,8 +221,10 @@ def asgd(
 
 def _rate(lr: object) -> Any:
     if isinstance(lr, dict):
-        raise FparamsTypeError("`lr` must be a number, a tensor or a schedule here; per-parameter rates are "
-                               "not supported by this optimizer (use fparams.optim.partition for groups).")
+        raise FparamsTypeError(
+            "`lr` must be a number, a tensor or a schedule here; per-parameter rates are "
+            "not supported by this optimizer (use fparams.optim.partition for groups)."
+        )
     return hyper("lr", lr)
 
 
@@ -254,10 +259,16 @@ def rprop(
         tensor([-0.1000,  0.1000])
     """
     etaminus, etaplus = _pair("etas", etas)
-    if not isinstance(etaminus, Tensor) and not isinstance(etaplus, Tensor) and not 0 < etaminus < 1 < etaplus:
+    if (
+        not isinstance(etaminus, Tensor)
+        and not isinstance(etaplus, Tensor)
+        and not 0 < etaminus < 1 < etaplus
+    ):
         raise FparamsValueError(f"`etas` must satisfy 0 < etas[0] < 1 < etas[1]; got {tuple(etas)!r}.")
     if isinstance(lr, (list, tuple, dict)) or callable(lr):
-        raise FparamsTypeError(f"`lr` of rprop is its initial step size: a number or a tensor; got {type(lr).__name__}.")
+        raise FparamsTypeError(
+            f"`lr` of rprop is its initial step size: a number or a tensor; got {type(lr).__name__}."
+        )
     rule = RpropRule(hyper("lr", lr), (etaminus, etaplus), _pair("step_sizes", step_sizes))
     shown = dict(lr=lr, etas=tuple(etas), step_sizes=tuple(step_sizes))
     return named("rprop", RpropState, dict(rprop=rule.as_transformation()), shown, {}, maximize)
@@ -286,7 +297,9 @@ def nadam(
         {'w': tensor(1., dtype=torch.float64)}
     """
     check_flag("decoupled_weight_decay", decoupled_weight_decay)
-    rule = ScaleByNadam(check_betas_schedules(betas), hyper("eps", eps), hyper("momentum_decay", momentum_decay))
+    rule = ScaleByNadam(
+        check_betas_schedules(betas), hyper("eps", eps), hyper("momentum_decay", momentum_decay)
+    )
     parts = _decayed("nadam", rule.as_transformation(), weight_decay, decoupled_weight_decay, lr)
     shown = dict(lr=lr, betas=tuple(betas), eps=eps, momentum_decay=momentum_decay)
     optional = dict(weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay)
@@ -296,8 +309,12 @@ def nadam(
 def _decayed(field: str, rule: GradientTransformation, weight_decay: Any, decoupled: bool, lr: Any) -> Any:
     none = make_decay(0.0)
     decay = make_decay(weight_decay)
-    return {"weight_decay": none if decoupled else decay, field: rule,
-            "decoupled_weight_decay": decay if decoupled else none, "lr": make_lr(lr)}
+    return {
+        "weight_decay": none if decoupled else decay,
+        field: rule,
+        "decoupled_weight_decay": decay if decoupled else none,
+        "lr": make_lr(lr),
+    }
 
 
 @public("optim.radam")
@@ -343,7 +360,8 @@ def adafactor(
         >>> import torch, fparams.optim
         >>> opt = fparams.optim.adafactor()
         >>> state = opt.init({"w": torch.zeros(3, 4), "b": torch.zeros(4)})
-        >>> state.adafactor.row_var["w"].shape, state.adafactor.col_var["w"].shape, list(state.adafactor.variance)
+        >>> factored = state.adafactor
+        >>> factored.row_var["w"].shape, factored.col_var["w"].shape, list(factored.variance)
         (torch.Size([3, 1]), torch.Size([1, 4]), ['b'])
     """
     if isinstance(beta2_decay, bool) or not isinstance(beta2_decay, (int, float)) or beta2_decay > 0:
@@ -356,7 +374,15 @@ def adafactor(
     check_hyper("d", d)
     if d < 1:
         raise FparamsValueError(f"`d` (the clipping threshold) must be >= 1; got {d!r}.")
-    rule = AdafactorRule(_rate(lr), float(beta2_decay), (eps[0], eps[1]), float(d), hyper("weight_decay", weight_decay))
+    rule = AdafactorRule(
+        _rate(lr), float(beta2_decay), (eps[0], eps[1]), float(d), hyper("weight_decay", weight_decay)
+    )
     shown = dict(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d)
-    return named("adafactor", AdafactorState, dict(adafactor=rule.as_transformation()), shown,
-                 dict(weight_decay=weight_decay), maximize)
+    return named(
+        "adafactor",
+        AdafactorState,
+        dict(adafactor=rule.as_transformation()),
+        shown,
+        dict(weight_decay=weight_decay),
+        maximize,
+    )

@@ -176,7 +176,9 @@ class Schedule:
         for i, v in enumerate(values):
             check_hyper(f"{name}[{i}]", v)
         dtype = next((v.dtype for v in values if isinstance(v, Tensor)), torch.float64)
-        self.values = torch.stack([v if isinstance(v, Tensor) else torch.tensor(v, dtype=dtype) for v in values])
+        self.values = torch.stack(
+            [v if isinstance(v, Tensor) else torch.tensor(v, dtype=dtype) for v in values]
+        )
 
     def __call__(self, step: Tensor) -> Any:
         if self.fn is not None:
@@ -322,7 +324,9 @@ def need_params(params: Optional[TensorDict]) -> TensorDict:
 def check_grads(grads: object, state_names: Optional[Mapping[str, Tensor]]) -> None:
     """``grads`` is a dict of tensors named as the params, shapes and dtypes equal (with params given)."""
     if not isinstance(grads, Mapping):
-        raise FparamsTypeError(f"`grads` must be a dict of tensors keyed by name; got {type(grads).__name__}.")
+        raise FparamsTypeError(
+            f"`grads` must be a dict of tensors keyed by name; got {type(grads).__name__}."
+        )
     if state_names is None:
         return
     for k, g in grads.items():

@@ -199,7 +199,9 @@ class RpropRule(PerParam):
     def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
         product = g * slots[0]
         one = torch.ones((), dtype=g.dtype, device=g.device)
-        factor = torch.where(product > 0, self.etaplus * one, torch.where(product < 0, self.etaminus * one, one))
+        factor = torch.where(
+            product > 0, self.etaplus * one, torch.where(product < 0, self.etaminus * one, one)
+        )
         size = torch.clamp(slots[1] * factor, self.low, self.high)
         kept = torch.where(product < 0, torch.zeros_like(g), g)
         return -kept.sign() * size, (kept, size)
@@ -310,8 +312,9 @@ class AdafactorRule(PerParam):
     state_type = ScaleByAdafactorState
     reads_params = True
 
-    def __init__(self, lr: Any, beta2_decay: float, eps: Tuple[Optional[float], float], d: float,
-                 weight_decay: Any) -> None:
+    def __init__(
+        self, lr: Any, beta2_decay: float, eps: Tuple[Optional[float], float], d: float, weight_decay: Any
+    ) -> None:
         super().__init__(lr=lr, beta2_decay=beta2_decay, eps=tuple(eps), d=d, weight_decay=weight_decay)
         self.lr, self.beta2_decay, (self.eps1, self.eps2), self.d = lr, beta2_decay, eps, d
         self.weight_decay = weight_decay
