@@ -45,6 +45,7 @@ from ._alias_torch import (
     rprop,
 )
 from ._base import CountState, EmptyState, GradientTransformation, Hyper, InitFn, OptState, Schedule, UpdateFn
+from ._groups import MultiTransformState, clip_grad_norm, clip_grad_value, multi_transform, partition
 from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, scale_by_adam, scale_by_rms, trace
 from ._transforms import add_decayed_weights, chain, identity, named_chain, scale_by_learning_rate
 
@@ -55,6 +56,11 @@ __all__ = [
     "AdamaxState",
     "AsgdState",
     "CountState",
+    "MultiTransformState",
+    "clip_grad_norm",
+    "clip_grad_value",
+    "multi_transform",
+    "partition",
     "NadamState",
     "RadamState",
     "RpropState",
@@ -94,3 +100,7 @@ __all__ = [
     "sgd",
     "trace",
 ]
+
+from ._saved import allow_states_in_torch_load as _allow_states
+
+_allow_states()

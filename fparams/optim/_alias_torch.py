@@ -119,7 +119,7 @@ def adagrad(
     lr: LR = 1e-2,
     lr_decay: Hyper = 0.0,
     weight_decay: Hyper = 0.0,
-    initial_accumulator_value: float = 0.0,
+    initial_accumulator_value: Hyper = 0.0,
     eps: Hyper = 1e-10,
     *,
     maximize: bool = False,
@@ -137,7 +137,7 @@ def adagrad(
         (tensor([-0.1000]), tensor([4.]))
     """
     check_hyper("initial_accumulator_value", initial_accumulator_value)
-    rule = ScaleByAdagrad(hyper("lr_decay", lr_decay), float(initial_accumulator_value), hyper("eps", eps))
+    rule = ScaleByAdagrad(hyper("lr_decay", lr_decay), initial_accumulator_value, hyper("eps", eps))
     parts = dict(weight_decay=make_decay(weight_decay), adagrad=rule.as_transformation(), lr=make_lr(lr))
     optional = dict(
         lr_decay=lr_decay, weight_decay=weight_decay, initial_accumulator_value=initial_accumulator_value

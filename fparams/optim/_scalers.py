@@ -41,12 +41,12 @@ class ScaleByAdagrad(PerParam):
     name = "scale_by_adagrad"
     state_type = ScaleByAdagradState
 
-    def __init__(self, lr_decay: Any, initial_accumulator_value: float, eps: Any) -> None:
+    def __init__(self, lr_decay: Any, initial_accumulator_value: Any, eps: Any) -> None:
         super().__init__(lr_decay=lr_decay, initial_accumulator_value=initial_accumulator_value, eps=eps)
         self.lr_decay, self.initial, self.eps = lr_decay, initial_accumulator_value, eps
 
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
-        return (torch.full_like(p, self.initial),)
+        return (torch.zeros_like(p) + self.initial,)
 
     def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
         total = torch.addcmul(slots[0], g, g)
