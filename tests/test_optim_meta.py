@@ -24,7 +24,12 @@ def _t(v: float) -> Tensor:
 
 #: (factory, hyperparameters given as tensors (name -> value, a pair for betas/etas), numbers, steps)
 META: List[Tuple[Callable[..., Any], Dict[str, Any], Dict[str, Any], int]] = [
-    (optim.adagrad, dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.2, eps=1e-2), {}, 4),
+    (
+        optim.adagrad,
+        dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.2, eps=1e-2),
+        {},
+        4,
+    ),
     (optim.adadelta, dict(lr=0.5, rho=0.8, eps=1e-3, weight_decay=0.1), {}, 4),
     (optim.adamax, dict(lr=0.05, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1), {}, 4),
     (optim.asgd, dict(lr=0.1, lambd=0.05, alpha=0.6, t0=1.5, weight_decay=0.1), {}, 4),
@@ -48,7 +53,9 @@ def _loss(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
     return ((torch.tanh(x @ p["w"] + p["b"]) - y) ** 2).mean()
 
 
-def _unroll(factory: Callable[..., Any], names: List[str], numbers: Dict[str, Any], steps: int) -> Callable[..., Tensor]:
+def _unroll(
+    factory: Callable[..., Any], names: List[str], numbers: Dict[str, Any], steps: int
+) -> Callable[..., Tensor]:
     start, x, y = _problem()
 
     def final_loss(w: Tensor, b: Tensor, *flat: Tensor) -> Tensor:

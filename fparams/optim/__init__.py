@@ -46,6 +46,7 @@ from ._alias_torch import (
 )
 from ._base import CountState, EmptyState, GradientTransformation, Hyper, InitFn, OptState, Schedule, UpdateFn
 from ._groups import MultiTransformState, clip_grad_norm, clip_grad_value, multi_transform, partition
+from ._interop import from_torch, from_torch_state, to_torch_state
 from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, scale_by_adam, scale_by_rms, trace
 from ._transforms import add_decayed_weights, chain, identity, named_chain, scale_by_learning_rate
 
@@ -58,6 +59,9 @@ __all__ = [
     "CountState",
     "MultiTransformState",
     "clip_grad_norm",
+    "from_torch",
+    "from_torch_state",
+    "to_torch_state",
     "clip_grad_value",
     "multi_transform",
     "partition",

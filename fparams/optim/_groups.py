@@ -66,7 +66,9 @@ class _MultiTransform(Transform):
         inner = {lab: t.init({k: params[k] for k in route[lab]}) for lab, t in self.transforms.items()}
         return MultiTransformState(inner)
 
-    def _update(self, grads: TensorDict, state: Any, params: Optional[TensorDict]) -> Tuple[Updates, OptState]:
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
         self.check_state(state, MultiTransformState)
         check_grads(grads, params)
         route = self._route(tuple(grads))
@@ -75,16 +77,20 @@ class _MultiTransform(Transform):
         for label, names in route.items():
             if names:
                 sub = None if params is None else {k: params[k] for k in names}
-                u, inner[label] = self.transforms[label].update({k: grads[k] for k in names}, inner[label], sub)
+                u, inner[label] = self.transforms[label].update(
+                    {k: grads[k] for k in names}, inner[label], sub
+                )
                 updates.update(u)
-        return {k: updates[k] for k in grads}, MultiTransformState(inner)
+        return {k: updates[k] for k in grads if k in updates}, MultiTransformState(inner)
 
     def __repr__(self) -> str:
         return self.text
 
 
 @public("optim.multi_transform")
-def multi_transform(transforms: Mapping[str, GradientTransformation], labels: Labels) -> GradientTransformation:
+def multi_transform(
+    transforms: Mapping[str, GradientTransformation], labels: Labels
+) -> GradientTransformation:
     """A transformation per group of parameters (torch's param groups, optax's ``multi_transform``).
 
     ``labels`` gives each parameter name its group: a dict, or a callable of the
@@ -141,7 +147,9 @@ class _FilterLabels:
 
 
 @public("optim.partition")
-def partition(filter: Any, selected: GradientTransformation, rest: GradientTransformation) -> GradientTransformation:
+def partition(
+    filter: Any, selected: GradientTransformation, rest: GradientTransformation
+) -> GradientTransformation:
     """``selected`` for the parameters ``filter`` picks, ``rest`` for the others (two param groups).
 
     ``filter`` is a glob (``"head.*"``), a compiled regex, a list of those, or a
@@ -156,7 +164,9 @@ def partition(filter: Any, selected: GradientTransformation, rest: GradientTrans
     """
     _check_parts((selected, rest))
     text = f"partition({filter!r}, {selected!r}, {rest!r})"
-    return _MultiTransform({"selected": selected, "rest": rest}, _FilterLabels(filter), text).as_transformation()
+    return _MultiTransform(
+        {"selected": selected, "rest": rest}, _FilterLabels(filter), text
+    ).as_transformation()
 
 
 class _ClipGradNorm(Transform):
@@ -169,7 +179,9 @@ class _ClipGradNorm(Transform):
     def _init(self, params: TensorDict) -> OptState:
         return EmptyState()
 
-    def _update(self, grads: TensorDict, state: Any, params: Optional[TensorDict]) -> Tuple[Updates, OptState]:
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
         self.check_state(state, EmptyState)
         if not grads:
             return {}, state
@@ -208,7 +220,9 @@ class _ClipGradValue(Transform):
     def _init(self, params: TensorDict) -> OptState:
         return EmptyState()
 
-    def _update(self, grads: TensorDict, state: Any, params: Optional[TensorDict]) -> Tuple[Updates, OptState]:
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
         self.check_state(state, EmptyState)
         v = self.clip_value
         return {k: g.clamp(-v, v) for k, g in grads.items()}, state
@@ -224,7 +238,11 @@ def clip_grad_value(clip_value: float) -> GradientTransformation:
         >>> opt.update({"w": torch.tensor([3.0, -0.1])}, opt.init({"w": torch.zeros(2)}))[0]
         {'w': tensor([ 0.5000, -0.1000])}
     """
-    if isinstance(clip_value, bool) or not isinstance(clip_value, (int, float)) or not math.isfinite(clip_value):
+    if (
+        isinstance(clip_value, bool)
+        or not isinstance(clip_value, (int, float))
+        or not math.isfinite(clip_value)
+    ):
         raise FparamsTypeError(f"`clip_value` must be a finite number; got {clip_value!r}.")
     if clip_value < 0:
         raise FparamsValueError(f"`clip_value` must be >= 0; got {clip_value!r}.")
