@@ -45,7 +45,14 @@ from ._alias_torch import (
     rprop,
 )
 from ._base import CountState, EmptyState, GradientTransformation, Hyper, InitFn, OptState, Schedule, UpdateFn
-from ._groups import MultiTransformState, clip_grad_norm, clip_grad_value, multi_transform, partition
+from ._groups import (
+    MultiTransformState,
+    clip_grad_norm,
+    clip_grad_value,
+    map_grads,
+    multi_transform,
+    partition,
+)
 from ._interop import from_torch, from_torch_state, to_torch_state
 from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, scale_by_adam, scale_by_rms, trace
 from ._transforms import add_decayed_weights, chain, identity, named_chain, scale_by_learning_rate
@@ -60,6 +67,7 @@ __all__ = [
     "MultiTransformState",
     "clip_grad_norm",
     "from_torch",
+    "map_grads",
     "from_torch_state",
     "to_torch_state",
     "clip_grad_value",

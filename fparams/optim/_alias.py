@@ -138,17 +138,12 @@ def sgd(
         >>> state.momentum
         TraceState(step={'w': 2}, trace={'w': float32[2]})
     """
-    parts = dict(
-        weight_decay=make_decay(weight_decay),
-        momentum=make_trace(momentum, dampening, nesterov),
-        lr=make_lr(lr),
-    )
-    mom = parts["momentum"].init.__self__  # type: ignore[attr-defined]
-    if nesterov and not isinstance(mom.momentum, Tensor) and not is_nonzero(mom.momentum):
+    mom = make_trace(momentum, dampening, nesterov)
+    if nesterov and not is_nonzero(mom.momentum):
         raise FparamsValueError(f"`nesterov=True` needs a `momentum` > 0; got momentum={momentum!r}.")
-    if nesterov and is_nonzero(mom.dampening):
+    if nesterov and not isinstance(mom.dampening, Tensor) and is_nonzero(mom.dampening):
         raise FparamsValueError(f"`nesterov=True` needs `dampening` == 0; got dampening={dampening!r}.")
-    parts["momentum"] = mom.as_transformation()
+    parts = dict(weight_decay=make_decay(weight_decay), momentum=mom.as_transformation(), lr=make_lr(lr))
     optional = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     return named("sgd", SgdState, parts, dict(lr=lr), optional, maximize)
 

@@ -23,7 +23,8 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Protocol,
 import torch
 from torch import Tensor
 
-from .._checks import Hyper, check_hyper
+from .._checks import Hyper as Hyper
+from .._checks import check_hyper
 from .._errors import FparamsError, FparamsTypeError, FparamsValueError
 from .._types import TensorDict, Updates
 
@@ -198,7 +199,7 @@ def hyper(name: str, value: object, high: float = float("inf"), high_closed: boo
     if isinstance(value, Schedule):
         return value
     if isinstance(value, (list, tuple)) or (callable(value) and not isinstance(value, Tensor)):
-        return Schedule(value, name)  # type: ignore[arg-type]
+        return Schedule(value, name)
     check_hyper(name, value, high, high_closed)
     return value
 
@@ -282,7 +283,8 @@ def bias_correction(decay: Any, step: Tensor) -> Tensor:
     ``1 - 0.999`` is already off by 1e-5, which would show in every update.
     A 0-dim float64 tensor does not promote the float32 tensors it meets.
     """
-    return 1 - decay ** step.to(scalar_dtype(step.device))
+    out: Tensor = 1 - decay ** step.to(scalar_dtype(step.device))
+    return out
 
 
 def ema(average: Tensor, value: Tensor, decay: Any) -> Tensor:

@@ -114,14 +114,15 @@ def multi_transform(
     _check_parts(tuple(transforms.values()))
     if not (isinstance(labels, Mapping) or callable(labels)):
         raise FparamsTypeError(
-            f"`labels` must be a dict name -> label or a callable fn(name) -> label; got {type(labels).__name__}."
+            "`labels` must be a dict name -> label or a callable fn(name) -> label; got "
+            f"{type(labels).__name__}."
         )
     text = "multi_transform({" + ", ".join(f"{k!r}: {t!r}" for k, t in transforms.items()) + "})"
     return _MultiTransform(dict(transforms), labels, text).as_transformation()
 
 
 class _FilterLabels:
-    """``"selected"`` for the names a filter (glob, regex, list of those, or fn(name)) picks, else ``"rest"``."""
+    """``"selected"`` for the names a filter (glob, regex, list, fn(name)) picks, else ``"rest"``."""
 
     def __init__(self, filter: Any) -> None:
         if isinstance(filter, (str, re.Pattern)):
@@ -247,3 +248,43 @@ def clip_grad_value(clip_value: float) -> GradientTransformation:
     if clip_value < 0:
         raise FparamsValueError(f"`clip_value` must be >= 0; got {clip_value!r}.")
     return _ClipGradValue(float(clip_value)).as_transformation()
+
+
+class _MapGrads(Transform):
+    name = "map_grads"
+
+    def __init__(self, fn: Callable[[Dict[str, Tensor]], Mapping[str, Tensor]]) -> None:
+        super().__init__(fn=getattr(fn, "__name__", type(fn).__name__))
+        self.fn = fn
+
+    def _init(self, params: TensorDict) -> OptState:
+        return EmptyState()
+
+    def _update(self, grads: TensorDict, state: Any, params: Optional[TensorDict]) -> Tuple[Updates, OptState]:
+        self.check_state(state, EmptyState)
+        out = self.fn(dict(grads))
+        if not isinstance(out, Mapping):
+            raise FparamsTypeError(f"`fn` must return a dict of gradients by name; got {type(out).__name__}.")
+        return dict(out), state
+
+
+@public("optim.map_grads")
+def map_grads(fn: Callable[[Dict[str, Tensor]], Mapping[str, Tensor]]) -> GradientTransformation:
+    """Apply ``fn(grads) -> grads`` (a dict by name) before the next transform: higher's ``grad_callback``.
+
+    ``fn`` must be differentiable where meta-gradients should flow through it,
+    and a module-level function if the optimizer is to be pickled.
+
+    Examples:
+        >>> import torch, fparams.optim as optim
+        >>> def halve(grads):
+        ...     return {k: g / 2 for k, g in grads.items()}
+        >>> opt = optim.chain(optim.map_grads(halve), optim.sgd(1.0))
+        >>> opt
+        chain(map_grads(fn='halve'), sgd(lr=1.0))
+        >>> opt.update({"w": torch.ones(1)}, opt.init({"w": torch.ones(1)}))[0]
+        {'w': tensor([-0.5000])}
+    """
+    if not callable(fn):
+        raise FparamsTypeError(f"`fn` must be a callable fn(grads) -> grads; got {type(fn).__name__}.")
+    return _MapGrads(fn).as_transformation()

@@ -107,7 +107,8 @@ def from_torch(optimizer: torch.optim.Optimizer, module: nn.Module) -> GradientT
                 )
             labels[names[id(p)]] = f"group{i}"
     if len(transforms) == 1 and len(labels) == len(names):
-        return transforms["group0"]
+        only: GradientTransformation = transforms["group0"]
+        return only
     if len(labels) < len(names):
         transforms["frozen"] = _Frozen().as_transformation()
     return multi_transform(transforms, {k: labels.get(k, "frozen") for k in names.values()})
@@ -176,7 +177,8 @@ def to_torch_state(state: OptState, optimizer: torch.optim.Optimizer, module: nn
         >>> torch_opt = torch.optim.Adam(net.parameters(), lr=0.1)
         >>> opt = fparams.optim.from_torch(torch_opt, net)
         >>> params = fparams.split(net)[1]
-        >>> _, state = opt.update({k: torch.ones_like(p) for k, p in params.items()}, opt.init(params), params)
+        >>> grads = {k: torch.ones_like(p) for k, p in params.items()}
+        >>> _, state = opt.update(grads, opt.init(params), params)
         >>> torch_opt.load_state_dict(fparams.optim.to_torch_state(state, torch_opt, net))
         >>> sorted(torch_opt.state[net.weight])
         ['exp_avg', 'exp_avg_sq', 'step']

@@ -139,7 +139,8 @@ class _AddDecayedWeights(Stateless):
         self.weight_decay = weight_decay
 
     def map(self, g: Tensor, p: Any, step: Tensor) -> Tensor:
-        return g + at(self.weight_decay, step) * p
+        out: Tensor = g + at(self.weight_decay, step) * p
+        return out
 
 
 class _ScaleByLearningRate(Stateless):
@@ -172,7 +173,8 @@ class _ScaleByLearningRate(Stateless):
         return super()._update(grads, state, params)
 
     def map(self, g: Tensor, p: Any, step: Tensor) -> Tensor:
-        return -at(self.lr, step) * g
+        out: Tensor = -at(self.lr, step) * g
+        return out
 
 
 @public("optim.identity")
