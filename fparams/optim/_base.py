@@ -267,8 +267,12 @@ def state_repr(state: Tuple[Any, ...]) -> str:
 
 
 def init_steps(params: TensorDict) -> Dict[str, Tensor]:
-    """A step count of zero per name, int64 scalars on each param's device."""
-    return {k: torch.zeros((), dtype=torch.int64, device=p.device) for k, p in params.items()}
+    """A step count of zero per name: int64 scalars, one tensor shared per device (see ``PerParam``)."""
+    zeros: Dict[torch.device, Tensor] = {}
+    for p in params.values():
+        if p.device not in zeros:
+            zeros[p.device] = torch.zeros((), dtype=torch.int64, device=p.device)
+    return {k: zeros[p.device] for k, p in params.items()}
 
 
 def scalar_dtype(device: torch.device) -> torch.dtype:

@@ -260,7 +260,9 @@ class _MapGrads(Transform):
     def _init(self, params: TensorDict) -> OptState:
         return EmptyState()
 
-    def _update(self, grads: TensorDict, state: Any, params: Optional[TensorDict]) -> Tuple[Updates, OptState]:
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
         self.check_state(state, EmptyState)
         out = self.fn(dict(grads))
         if not isinstance(out, Mapping):

@@ -88,13 +88,17 @@ class _Trace(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return (torch.zeros_like(p),)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
+        first = step == 1 if self.first_step_rule else None
+        return at(self.momentum, step - 1), at(self.dampening, step - 1), first
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
         if self.passthrough:
             return g, (g,)
-        momentum, dampening = at(self.momentum, step - 1), at(self.dampening, step - 1)
+        momentum, dampening, first = sc
         b = momentum * slots[0] + (1 - dampening) * g
-        if self.first_step_rule:
-            b = torch.where(step == 1, g, b)
+        if first is not None:
+            b = torch.where(first, g, b)
         return (g + momentum * b if self.nesterov else b), (b,)
 
 
@@ -132,12 +136,15 @@ class _ScaleByAdam(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return torch.zeros_like(p), torch.zeros_like(p), (torch.zeros_like(p) if self.amsgrad else None)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
         t = step - 1
         beta1, beta2, eps = at(self.beta1, t), at(self.beta2, t), at(self.eps, t)
+        return beta1, beta2, eps, bias_correction(beta1, step), bias_correction(beta2, step).sqrt()
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        beta1, beta2, eps, c1, c2_sqrt = sc
         m, v = ema(slots[0], g, beta1), ema_square(slots[1], g, beta2)
         v_max = torch.maximum(slots[2], v) if self.amsgrad else None
-        c1, c2_sqrt = bias_correction(beta1, step), bias_correction(beta2, step).sqrt()
         denom_v = v_max if v_max is not None else v
         if self.early_eps:
             return (c2_sqrt / c1) * m / (safe_sqrt(denom_v) + eps), (m, v, v_max)
@@ -203,8 +210,11 @@ class _ScaleByRms(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return torch.zeros_like(p), (torch.zeros_like(p) if self.centered else None)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
-        alpha, eps = at(self.alpha, step - 1), at(self.eps, step - 1)
+    def scalars(self, step: Tensor) -> Any:
+        return at(self.alpha, step - 1), at(self.eps, step - 1)
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        alpha, eps = sc
         v = ema_square(slots[0], g, alpha)
         if not self.centered:
             return g / (safe_sqrt(v) + eps), (v, None)

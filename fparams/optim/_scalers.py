@@ -48,13 +48,16 @@ class ScaleByAdagrad(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return (torch.zeros_like(p) + self.initial,)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
-        total = torch.addcmul(slots[0], g, g)
-        u = g / (safe_sqrt(total) + at(self.eps, step - 1))
+    def scalars(self, step: Tensor) -> Any:
         lr_decay = at(self.lr_decay, step - 1)
-        if isinstance(lr_decay, Tensor) or lr_decay != 0:
-            u = u / (1 + (_t(step) - 1) * lr_decay)
-        return u, (total,)
+        decay = 1 + (_t(step) - 1) * lr_decay if isinstance(lr_decay, Tensor) or lr_decay != 0 else None
+        return at(self.eps, step - 1), decay
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        eps, decay = sc
+        total = torch.addcmul(slots[0], g, g)
+        u = g / (safe_sqrt(total) + eps)
+        return (u if decay is None else u / decay), (total,)
 
 
 class ScaleByAdadeltaState(NamedTuple):
@@ -81,8 +84,11 @@ class ScaleByAdadelta(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return torch.zeros_like(p), torch.zeros_like(p)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
-        rho, eps = at(self.rho, step - 1), at(self.eps, step - 1)
+    def scalars(self, step: Tensor) -> Any:
+        return at(self.rho, step - 1), at(self.eps, step - 1)
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        rho, eps = sc
         square_avg = ema_square(slots[0], g, rho)
         delta = safe_sqrt(slots[1] + eps) / safe_sqrt(square_avg + eps) * g
         return delta, (square_avg, ema_square(slots[1], delta, rho))
@@ -112,12 +118,16 @@ class ScaleByAdamax(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return torch.zeros_like(p), torch.zeros_like(p)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
         t = step - 1
         beta1, beta2, eps = at(self.beta1, t), at(self.beta2, t), at(self.eps, t)
+        return beta1, beta2, eps, bias_correction(beta1, step)
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        beta1, beta2, eps, c1 = sc
         m = ema(slots[0], g, beta1)
         u = torch.maximum(slots[1] * beta2, g.abs() + eps)
-        return m / u / bias_correction(beta1, step), (m, u)
+        return m / u / c1, (m, u)
 
 
 class AsgdRuleState(NamedTuple):
@@ -155,14 +165,18 @@ class AsgdRule(PerParam):
         lr, lambd, alpha = at(self.lr, step), at(self.lambd, step), at(self.alpha, step)
         return lr / (1 + lambd * lr * done) ** alpha
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
         t = _t(step)
         eta = self._eta(step - 1, t - 1)
-        u = -(at(self.lambd, step - 1) * eta) * p - eta * g
-        ax = slots[2] + (p + u - slots[2]) * slots[1]
         one = torch.ones_like(t)
-        mu = 1 / torch.maximum(t - at(self.t0, step - 1), one)
-        return u, (self._eta(step, t) * one, mu, ax)
+        mu_next = 1 / torch.maximum(t - at(self.t0, step - 1), one)
+        return at(self.lambd, step - 1) * eta, eta, self._eta(step, t) * one, mu_next
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        decay, eta, eta_next, mu_next = sc
+        u = -decay * p - eta * g
+        ax = slots[2] + (p + u - slots[2]) * slots[1]
+        return u, (eta_next, mu_next, ax)
 
 
 class ScaleByRpropState(NamedTuple):
@@ -196,7 +210,7 @@ class RpropRule(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return torch.zeros_like(p), torch.ones_like(p) * self.lr
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
         product = g * slots[0]
         one = torch.ones((), dtype=g.dtype, device=g.device)
         factor = torch.where(
@@ -233,14 +247,18 @@ class ScaleByNadam(PerParam):
         one = torch.ones((), dtype=scalar_dtype(p.device), device=p.device)
         return one, torch.zeros_like(p), torch.zeros_like(p)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
         s, t = step - 1, _t(step)
         beta1, beta2, eps, decay = at(self.beta1, s), at(self.beta2, s), at(self.eps, s), at(self.decay, s)
         mu = beta1 * (1 - 0.5 * 0.96 ** (t * decay))
         mu_next = beta1 * (1 - 0.5 * 0.96 ** ((t + 1) * decay))
+        return beta1, beta2, eps, mu, mu_next, bias_correction(beta2, step)
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        beta1, beta2, eps, mu, mu_next, c2 = sc
         mu_product = slots[0] * mu
         m, v = ema(slots[1], g, beta1), ema_square(slots[2], g, beta2)
-        denom = safe_sqrt(v / bias_correction(beta2, step)) + eps
+        denom = safe_sqrt(v / c2) + eps
         u = (1 - mu) / (1 - mu_product) * (g / denom) + mu_next / (1 - mu_product * mu_next) * (m / denom)
         return u, (mu_product, m, v)
 
@@ -274,18 +292,21 @@ class ScaleByRadam(PerParam):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:
         return torch.zeros_like(p), torch.zeros_like(p)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
         s, t = step - 1, _t(step)
         beta1, beta2, eps = at(self.beta1, s), at(self.beta2, s), at(self.eps, s)
-        m, v = ema(slots[0], g, beta1), ema_square(slots[1], g, beta2)
         c2 = bias_correction(beta2, step)
-        m_hat = m / bias_correction(beta1, step)
         rho_inf = 2 / (1 - beta2) - 1
         rho_t = rho_inf - 2 * t * beta2**t / c2
         ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
         rect = ratio.clamp_min(torch.finfo(ratio.dtype).tiny).sqrt()
-        adaptive = c2.sqrt() / (safe_sqrt(v) + eps)
-        return torch.where(rho_t > 5, m_hat * adaptive * rect, m_hat), (m, v)
+        return beta1, beta2, eps, bias_correction(beta1, step), c2.sqrt() * rect, rho_t > 5
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        beta1, beta2, eps, c1, scale, rectified = sc
+        m, v = ema(slots[0], g, beta1), ema_square(slots[1], g, beta2)
+        m_hat = m / c1
+        return torch.where(rectified, m_hat * (scale / (safe_sqrt(v) + eps)), m_hat), (m, v)
 
 
 class ScaleByAdafactorState(NamedTuple):
@@ -324,12 +345,15 @@ class AdafactorRule(PerParam):
             return p.new_zeros(p.shape[:-1] + (1,)), p.new_zeros(p.shape[:-2] + (1, p.shape[-1])), None
         return None, None, torch.zeros_like(p)
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
         s, t = step - 1, _t(step)
         lr = at(self.lr, s)
-        eps1 = torch.finfo(g.dtype).eps if self.eps1 is None else self.eps1
-        weight = t**self.beta2_decay
         rho = torch.minimum(torch.as_tensor(lr, dtype=t.dtype, device=t.device), t.rsqrt())
+        return lr, t**self.beta2_decay, rho, at(self.weight_decay, s)
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        lr, weight, rho, wd = sc
+        eps1 = torch.finfo(g.dtype).eps if self.eps1 is None else self.eps1
         alpha = (torch.linalg.vector_norm(p) / math.sqrt(max(p.numel(), 1))).clamp_min(self.eps2) * rho
         if g.dim() > 1:
             row = slots[0] + weight * ((g * g).sum(-1, keepdim=True) / g.shape[-1] - slots[0])
@@ -342,7 +366,6 @@ class AdafactorRule(PerParam):
         direction = estimate.clamp_min(eps1 * eps1).rsqrt() * g
         norm = torch.linalg.vector_norm(direction) / (math.sqrt(max(direction.numel(), 1)) * self.d)
         u = -(alpha / norm.clamp_min(1.0)) * direction
-        wd = at(self.weight_decay, s)
         if isinstance(wd, Tensor) or wd != 0:
             u = u - (lr * wd) * p
         return u, new

@@ -43,8 +43,11 @@ class PerParam(Transform):
     """A rule applied to each parameter on its own, with per-name state slots and a step count.
 
     Subclasses set ``state_type`` (a NamedTuple whose first field is ``step``,
-    then one dict per slot), ``init_slots(p)`` and ``rule(g, p, step, slots)``
-    (``step`` counts this update, from 1). A slot value of None is not stored.
+    then one dict per slot), ``init_slots(p)``, ``scalars(step)`` (what depends
+    only on the step, which counts this update from 1: bias corrections,
+    scheduled hyperparameters) and ``rule(g, p, scalars, slots)``. A slot value
+    of None is not stored. Parameters that have taken the same steps share one
+    step tensor, so ``scalars`` runs once per update, not once per parameter.
     """
 
     state_type: Type[Any] = NamedTuple
@@ -53,7 +56,11 @@ class PerParam(Transform):
     def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:  # pragma: no cover
         raise NotImplementedError
 
-    def rule(self, g: Tensor, p: Any, step: Tensor, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+    def scalars(self, step: Tensor) -> Any:
+        """What the rule needs that depends only on the step (the step itself by default)."""
+        return step
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
         raise NotImplementedError  # pragma: no cover
 
     def _init(self, params: TensorDict) -> OptState:
@@ -73,13 +80,20 @@ class PerParam(Transform):
         steps = dict(state.step)
         slots = [dict(s) for s in state[1:]]
         updates = {}
+        # (old step, new step, its scalars); by identity (`is`, not id(): torch.compile guards on id)
+        shared: List[Tuple[Tensor, Tensor, Any]] = []
         for k, g in grads.items():
-            if k not in steps:
+            old_step = steps.get(k)
+            if old_step is None:
                 raise unknown_name(k)
-            step = steps[k] + 1
+            hit = next((h for h in shared if h[0] is old_step), None)
+            if hit is None:
+                new_step = old_step + 1
+                hit = (old_step, new_step, self.scalars(new_step))
+                shared.append(hit)
             old = tuple(s.get(k) for s in slots)
-            updates[k], new = self.rule(g, None if ps is None else ps[k], step, old)
-            steps[k] = step
+            updates[k], new = self.rule(g, None if ps is None else ps[k], hit[2], old)
+            steps[k] = hit[1]
             for s, v in zip(slots, new):
                 if v is not None:
                     s[k] = v
