@@ -128,6 +128,11 @@ class _FilterLabels:
         if isinstance(filter, (str, re.Pattern)):
             filter = [filter]
         if not callable(filter):
+            if not isinstance(filter, (list, tuple, set)):
+                raise FparamsTypeError(
+                    "`filter` must be a glob string, a compiled regex, a list of those or a callable "
+                    f"fn(name) -> bool; got {type(filter).__name__}."
+                )
             filter = list(filter)
             for item in filter:
                 if not isinstance(item, (str, re.Pattern)):
