@@ -137,22 +137,43 @@ def test_torch_adam_with_decoupled_weight_decay_is_adamw() -> None:
 
 
 BAD = [
-    (lambda net: optim.from_torch("adam", net), TypeError,
-     "fparams.optim.from_torch: `optimizer` must be a torch.optim optimizer; got str."),
-    (lambda net: optim.from_torch(torch.optim.LBFGS(net.parameters()), net), ValueError,
-     "fparams.optim.from_torch: `optimizer` is a LBFGS, which fparams.optim has no counterpart for"),
-    (lambda net: optim.from_torch(torch.optim.SGD([torch.zeros(2, requires_grad=True)]), net), ValueError,
-     "fparams.optim.from_torch: param group 0 of `optimizer` holds a tensor of shape (2,) that is not a "
-     "parameter of `module`"),
-    (lambda net: optim.from_torch(torch.optim.SGD(net.parameters(), lr=0.1, fused=None, nesterov=False,
-                                                  momentum=0.0, dampening=0.0, **{}), net) and
-     optim.from_torch(torch.optim.RMSprop(net.parameters(), capturable=True), net) and
-     optim.from_torch(_with(torch.optim.SGD(net.parameters(), lr=0.1), betas=(0.9, 0.9)), net),
-     ValueError, "fparams.optim.from_torch: the param group option betas=(0.9, 0.9) of torch.optim "
-     "has no fparams.optim counterpart in sgd"),
-    (lambda net: optim.from_torch(torch.optim.SGD(net.parameters()), "net"), TypeError,
-     "fparams.optim.from_torch: `module` must be an nn.Module; got str."),
-]  # fmt: skip
+    (
+        lambda net: optim.from_torch("adam", net),
+        TypeError,
+        "fparams.optim.from_torch: `optimizer` must be a torch.optim optimizer; got str.",
+    ),
+    (
+        lambda net: optim.from_torch(torch.optim.LBFGS(net.parameters()), net),
+        ValueError,
+        "fparams.optim.from_torch: `optimizer` is a LBFGS, which fparams.optim has no counterpart for",
+    ),
+    (
+        lambda net: optim.from_torch(torch.optim.SGD([torch.zeros(2, requires_grad=True)]), net),
+        ValueError,
+        "fparams.optim.from_torch: param group 0 of `optimizer` holds a tensor of shape (2,) that is not a "
+        "parameter of `module`",
+    ),
+    (
+        lambda net: (
+            optim.from_torch(
+                torch.optim.SGD(
+                    net.parameters(), lr=0.1, fused=None, nesterov=False, momentum=0.0, dampening=0.0, **{}
+                ),
+                net,
+            )
+            and optim.from_torch(torch.optim.RMSprop(net.parameters(), capturable=True), net)
+            and optim.from_torch(_with(torch.optim.SGD(net.parameters(), lr=0.1), betas=(0.9, 0.9)), net)
+        ),
+        ValueError,
+        "fparams.optim.from_torch: the param group option betas=(0.9, 0.9) of torch.optim "
+        "has no fparams.optim counterpart in sgd",
+    ),
+    (
+        lambda net: optim.from_torch(torch.optim.SGD(net.parameters()), "net"),
+        TypeError,
+        "fparams.optim.from_torch: `module` must be an nn.Module; got str.",
+    ),
+]
 
 
 @pytest.mark.parametrize("call,error,message", BAD, ids=[m[2][:60] for m in BAD])

@@ -235,20 +235,27 @@ import re  # noqa: E402
 
 REPRS = [
     (optim.adagrad(), "adagrad(lr=0.01, eps=1e-10)"),
-    (optim.adagrad(0.1, lr_decay=0.01, maximize=True), "adagrad(lr=0.1, lr_decay=0.01, eps=1e-10, maximize=True)"),
+    (
+        optim.adagrad(0.1, lr_decay=0.01, maximize=True),
+        "adagrad(lr=0.1, lr_decay=0.01, eps=1e-10, maximize=True)",
+    ),
     (optim.adadelta(), "adadelta(lr=1.0, rho=0.9, eps=1e-06)"),
     (optim.adamax(), "adamax(lr=0.002, betas=(0.9, 0.999), eps=1e-08)"),
     (optim.asgd(), "asgd(lr=0.01, lambd=0.0001, alpha=0.75, t0=1000000.0)"),
     (optim.rprop(), "rprop(lr=0.01, etas=(0.5, 1.2), step_sizes=(1e-06, 50))"),
-    (optim.nadam(decoupled_weight_decay=True, weight_decay=0.1),
-     "nadam(lr=0.002, betas=(0.9, 0.999), eps=1e-08, momentum_decay=0.004, weight_decay=0.1, "
-     "decoupled_weight_decay=True)"),
+    (
+        optim.nadam(decoupled_weight_decay=True, weight_decay=0.1),
+        "nadam(lr=0.002, betas=(0.9, 0.999), eps=1e-08, momentum_decay=0.004, weight_decay=0.1, "
+        "decoupled_weight_decay=True)",
+    ),
     (optim.radam(), "radam(lr=0.001, betas=(0.9, 0.999), eps=1e-08)"),
     (optim.adafactor(), "adafactor(lr=0.01, beta2_decay=-0.8, eps=(None, 0.001), d=1.0)"),
     (optim.adam(lr=[0.1, 0.01]), "adam(lr=(0.1, 0.01), betas=(0.9, 0.999), eps=1e-08)"),
-    (optim.chain(optim.clip_grad_norm(1.0), optim.clip_grad_value(0.5)),
-     "chain(clip_grad_norm(max_norm=1.0), clip_grad_value(clip_value=0.5))"),
-]  # fmt: skip
+    (
+        optim.chain(optim.clip_grad_norm(1.0), optim.clip_grad_value(0.5)),
+        "chain(clip_grad_norm(max_norm=1.0), clip_grad_value(clip_value=0.5))",
+    ),
+]
 
 
 @pytest.mark.parametrize("opt,text", REPRS, ids=[t for _, t in REPRS])
@@ -269,28 +276,112 @@ def test_state_fields_do_not_depend_on_the_hyperparameters(
 
 
 BAD_HYPER = [
-    (lambda: optim.adagrad(lr_decay=-1.0), ValueError, "fparams.optim.adagrad: `lr_decay` must be a finite number >= 0; got -1.0."),
-    (lambda: optim.adagrad(initial_accumulator_value="1"), TypeError, "fparams.optim.adagrad: `initial_accumulator_value` must be a number or a tensor"),
-    (lambda: optim.adadelta(rho=1.5), ValueError, "fparams.optim.adadelta: `rho` must be in [0, 1]; got 1.5."),
-    (lambda: optim.adamax(betas=(0.9,)), ValueError, "fparams.optim.adamax: `betas` must be a pair (beta1, beta2)"),
-    (lambda: optim.asgd(lambd=-0.1), ValueError, "fparams.optim.asgd: `lambd` must be a finite number >= 0; got -0.1."),
-    (lambda: optim.asgd(lr={"w": 0.1}), TypeError, "fparams.optim.asgd: `lr` must be a number, a tensor or a schedule here"),
-    (lambda: optim.rprop(etas=(1.5, 1.2)), ValueError, "fparams.optim.rprop: `etas` must satisfy 0 < etas[0] < 1 < etas[1]; got (1.5, 1.2)."),
-    (lambda: optim.rprop(step_sizes=1e-6), TypeError, "fparams.optim.rprop: `step_sizes` must be a pair of numbers or tensors; got 1e-06."),
-    (lambda: optim.rprop(lr=[0.1]), TypeError, "fparams.optim.rprop: `lr` of rprop is its initial step size: a number or a tensor; got list."),
-    (lambda: optim.nadam(decoupled_weight_decay="yes"), TypeError, "fparams.optim.nadam: `decoupled_weight_decay` must be True or False"),
-    (lambda: optim.radam(eps=float("nan")), ValueError, "fparams.optim.radam: `eps` must be a finite number >= 0; got nan."),
-    (lambda: optim.adafactor(beta2_decay=0.5), ValueError, "fparams.optim.adafactor: `beta2_decay` must be a number <= 0; got 0.5."),
-    (lambda: optim.adafactor(eps=1e-3), TypeError, "fparams.optim.adafactor: `eps` must be a pair (eps1 or None, eps2); got 0.001."),
-    (lambda: optim.adafactor(d=0.5), ValueError, "fparams.optim.adafactor: `d` (the clipping threshold) must be >= 1; got 0.5."),
-    (lambda: optim.adam(maximize=1), TypeError, "fparams.optim.adam: `maximize` must be True or False; got int 1."),
-    (lambda: optim.clip_grad_norm(-1.0), ValueError, "fparams.optim.clip_grad_norm: `max_norm` must be a finite number >= 0; got -1.0."),
-    (lambda: optim.clip_grad_norm(1.0, norm_type=0), ValueError, "fparams.optim.clip_grad_norm: `norm_type` must be a number > 0 or float('inf'); got 0."),
-    (lambda: optim.clip_grad_value(-1.0), ValueError, "fparams.optim.clip_grad_value: `clip_value` must be >= 0; got -1.0."),
-    (lambda: optim.map_grads(3), TypeError, "fparams.optim.map_grads: `fn` must be a callable fn(grads) -> grads; got int."),
-    (lambda: optim.multi_transform({}, {}), TypeError, "fparams.optim.multi_transform: `transforms` must be a non-empty dict"),
-    (lambda: optim.partition(3, optim.sgd(), optim.sgd()), TypeError, "fparams.optim.partition: `filter` must be a glob string"),
-]  # fmt: skip
+    (
+        lambda: optim.adagrad(lr_decay=-1.0),
+        ValueError,
+        "fparams.optim.adagrad: `lr_decay` must be a finite number >= 0; got -1.0.",
+    ),
+    (
+        lambda: optim.adagrad(initial_accumulator_value="1"),
+        TypeError,
+        "fparams.optim.adagrad: `initial_accumulator_value` must be a number or a tensor",
+    ),
+    (
+        lambda: optim.adadelta(rho=1.5),
+        ValueError,
+        "fparams.optim.adadelta: `rho` must be in [0, 1]; got 1.5.",
+    ),
+    (
+        lambda: optim.adamax(betas=(0.9,)),
+        ValueError,
+        "fparams.optim.adamax: `betas` must be a pair (beta1, beta2)",
+    ),
+    (
+        lambda: optim.asgd(lambd=-0.1),
+        ValueError,
+        "fparams.optim.asgd: `lambd` must be a finite number >= 0; got -0.1.",
+    ),
+    (
+        lambda: optim.asgd(lr={"w": 0.1}),
+        TypeError,
+        "fparams.optim.asgd: `lr` must be a number, a tensor or a schedule here",
+    ),
+    (
+        lambda: optim.rprop(etas=(1.5, 1.2)),
+        ValueError,
+        "fparams.optim.rprop: `etas` must satisfy 0 < etas[0] < 1 < etas[1]; got (1.5, 1.2).",
+    ),
+    (
+        lambda: optim.rprop(step_sizes=1e-6),
+        TypeError,
+        "fparams.optim.rprop: `step_sizes` must be a pair of numbers or tensors; got 1e-06.",
+    ),
+    (
+        lambda: optim.rprop(lr=[0.1]),
+        TypeError,
+        "fparams.optim.rprop: `lr` of rprop is its initial step size: a number or a tensor; got list.",
+    ),
+    (
+        lambda: optim.nadam(decoupled_weight_decay="yes"),
+        TypeError,
+        "fparams.optim.nadam: `decoupled_weight_decay` must be True or False",
+    ),
+    (
+        lambda: optim.radam(eps=float("nan")),
+        ValueError,
+        "fparams.optim.radam: `eps` must be a finite number >= 0; got nan.",
+    ),
+    (
+        lambda: optim.adafactor(beta2_decay=0.5),
+        ValueError,
+        "fparams.optim.adafactor: `beta2_decay` must be a number <= 0; got 0.5.",
+    ),
+    (
+        lambda: optim.adafactor(eps=1e-3),
+        TypeError,
+        "fparams.optim.adafactor: `eps` must be a pair (eps1 or None, eps2); got 0.001.",
+    ),
+    (
+        lambda: optim.adafactor(d=0.5),
+        ValueError,
+        "fparams.optim.adafactor: `d` (the clipping threshold) must be >= 1; got 0.5.",
+    ),
+    (
+        lambda: optim.adam(maximize=1),
+        TypeError,
+        "fparams.optim.adam: `maximize` must be True or False; got int 1.",
+    ),
+    (
+        lambda: optim.clip_grad_norm(-1.0),
+        ValueError,
+        "fparams.optim.clip_grad_norm: `max_norm` must be a finite number >= 0; got -1.0.",
+    ),
+    (
+        lambda: optim.clip_grad_norm(1.0, norm_type=0),
+        ValueError,
+        "fparams.optim.clip_grad_norm: `norm_type` must be a number > 0 or float('inf'); got 0.",
+    ),
+    (
+        lambda: optim.clip_grad_value(-1.0),
+        ValueError,
+        "fparams.optim.clip_grad_value: `clip_value` must be >= 0; got -1.0.",
+    ),
+    (
+        lambda: optim.map_grads(3),
+        TypeError,
+        "fparams.optim.map_grads: `fn` must be a callable fn(grads) -> grads; got int.",
+    ),
+    (
+        lambda: optim.multi_transform({}, {}),
+        TypeError,
+        "fparams.optim.multi_transform: `transforms` must be a non-empty dict",
+    ),
+    (
+        lambda: optim.partition(3, optim.sgd(), optim.sgd()),
+        TypeError,
+        "fparams.optim.partition: `filter` must be a glob string",
+    ),
+]
 
 
 @pytest.mark.parametrize(
