@@ -34,7 +34,7 @@ def torch_run(
     for t in range(STEPS):
         x, y = _data(t)
         opt.zero_grad(set_to_none=True)
-        _loss(net(x, True), y).backward()
+        _loss(net(x, True), y).backward()  # type: ignore[no-untyped-call]
         if before_step is not None:
             before_step(net, opt, t)
         opt.step()

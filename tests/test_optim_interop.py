@@ -45,7 +45,7 @@ def _torch_steps(net: Any, opt: torch.optim.Optimizer, steps: range) -> None:
     for t in steps:
         x, y = _data(t)
         opt.zero_grad(set_to_none=True)
-        _loss(net(x, t >= 3), y).backward()
+        _loss(net(x, t >= 3), y).backward()  # type: ignore[no-untyped-call]
         opt.step()
 
 
@@ -104,12 +104,12 @@ def test_param_groups_become_a_multi_transform() -> None:
         },
         {"params": [ref_net.l1.bias, ref_net.l2.bias, ref_net.late.bias]},
     ]
-    ref_opt = torch.optim.Adam(ref_groups, lr=0.05)
+    ref_opt = torch.optim.Adam(ref_groups, lr=0.05)  # type: ignore[arg-type]
     ref = []
     for t in range(len(ours)):
         x, y = _data(t)
         ref_opt.zero_grad(set_to_none=True)
-        _loss(ref_net(x, True), y).backward()
+        _loss(ref_net(x, True), y).backward()  # type: ignore[no-untyped-call]
         ref_opt.step()
         ref.append({k: p.detach().clone() for k, p in ref_net.named_parameters()})
     _compare(ours, ref)
@@ -138,7 +138,7 @@ def test_torch_adam_with_decoupled_weight_decay_is_adamw() -> None:
 
 BAD = [
     (
-        lambda net: optim.from_torch("adam", net),
+        lambda net: optim.from_torch("adam", net),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.from_torch: `optimizer` must be a torch.optim optimizer; got str.",
     ),
@@ -169,7 +169,7 @@ BAD = [
         "has no fparams.optim counterpart in sgd",
     ),
     (
-        lambda net: optim.from_torch(torch.optim.SGD(net.parameters()), "net"),
+        lambda net: optim.from_torch(torch.optim.SGD(net.parameters()), "net"),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.from_torch: `module` must be an nn.Module; got str.",
     ),

@@ -130,7 +130,7 @@ def test_adapt_runs_every_optimizer_in_the_loop_and_under_vmap(make: Callable[[]
     opt = make()
 
     def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return (arch(p, x) - y).pow(2).mean()
+        return (arch(p, x) - y).pow(2).mean()  # type: ignore[no-any-return]
 
     def task(p: Dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
         return mse(fparams.adapt(mse, p, xs, ys, lr=opt, steps=3), xq, yq)

@@ -138,7 +138,7 @@ class Net(nn.Module):
 
     def forward(self, x: Tensor, use_late: bool) -> Tensor:
         out = self.l2(torch.tanh(self.l1(x)))
-        return out + self.late(x) if use_late else out
+        return out + self.late(x) if use_late else out  # type: ignore[no-any-return]
 
 
 def _data(step: int) -> Tuple[Tensor, Tensor]:
@@ -164,7 +164,7 @@ def torch_trajectory(cls: type, kw: Dict[str, Any], late_from: int) -> List[Dict
     for t in range(STEPS):
         x, y = _data(t)
         opt.zero_grad(set_to_none=True)
-        _loss(net(x, t >= late_from), y).backward()
+        _loss(net(x, t >= late_from), y).backward()  # type: ignore[no-untyped-call]
         opt.step()
         out.append({k: p.detach().clone() for k, p in net.named_parameters()})
     return out
@@ -195,7 +195,11 @@ def _compare(ours: List[Dict[str, Tensor]], ref: List[Dict[str, Tensor]]) -> Non
     for t, (a, b) in enumerate(zip(ours, ref)):
         for k in b:
             torch.testing.assert_close(
-                a[k], b[k], rtol=0, atol=1e-12, msg=lambda m, k=k, t=t: f"step {t} {k}: {m}"
+                a[k],
+                b[k],
+                rtol=0,
+                atol=1e-12,
+                msg=lambda m, k=k, t=t: f"step {t} {k}: {m}",  # type: ignore[misc]
             )
 
 
@@ -282,7 +286,7 @@ BAD_HYPER = [
         "fparams.optim.adagrad: `lr_decay` must be a finite number >= 0; got -1.0.",
     ),
     (
-        lambda: optim.adagrad(initial_accumulator_value="1"),
+        lambda: optim.adagrad(initial_accumulator_value="1"),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.adagrad: `initial_accumulator_value` must be a number or a tensor",
     ),
@@ -292,7 +296,7 @@ BAD_HYPER = [
         "fparams.optim.adadelta: `rho` must be in [0, 1]; got 1.5.",
     ),
     (
-        lambda: optim.adamax(betas=(0.9,)),
+        lambda: optim.adamax(betas=(0.9,)),  # type: ignore[arg-type]
         ValueError,
         "fparams.optim.adamax: `betas` must be a pair (beta1, beta2)",
     ),
@@ -302,7 +306,7 @@ BAD_HYPER = [
         "fparams.optim.asgd: `lambd` must be a finite number >= 0; got -0.1.",
     ),
     (
-        lambda: optim.asgd(lr={"w": 0.1}),
+        lambda: optim.asgd(lr={"w": 0.1}),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.asgd: `lr` must be a number, a tensor or a schedule here",
     ),
@@ -312,7 +316,7 @@ BAD_HYPER = [
         "fparams.optim.rprop: `etas` must satisfy 0 < etas[0] < 1 < etas[1]; got (1.5, 1.2).",
     ),
     (
-        lambda: optim.rprop(step_sizes=1e-6),
+        lambda: optim.rprop(step_sizes=1e-6),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.rprop: `step_sizes` must be a pair of numbers or tensors; got 1e-06.",
     ),
@@ -322,7 +326,7 @@ BAD_HYPER = [
         "fparams.optim.rprop: `lr` of rprop is its initial step size: a number or a tensor; got list.",
     ),
     (
-        lambda: optim.nadam(decoupled_weight_decay="yes"),
+        lambda: optim.nadam(decoupled_weight_decay="yes"),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.nadam: `decoupled_weight_decay` must be True or False",
     ),
@@ -337,7 +341,7 @@ BAD_HYPER = [
         "fparams.optim.adafactor: `beta2_decay` must be a number <= 0; got 0.5.",
     ),
     (
-        lambda: optim.adafactor(eps=1e-3),
+        lambda: optim.adafactor(eps=1e-3),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.adafactor: `eps` must be a pair (eps1 or None, eps2); got 0.001.",
     ),
@@ -347,7 +351,7 @@ BAD_HYPER = [
         "fparams.optim.adafactor: `d` (the clipping threshold) must be >= 1; got 0.5.",
     ),
     (
-        lambda: optim.adam(maximize=1),
+        lambda: optim.adam(maximize=1),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.adam: `maximize` must be True or False; got int 1.",
     ),
@@ -367,7 +371,7 @@ BAD_HYPER = [
         "fparams.optim.clip_grad_value: `clip_value` must be >= 0; got -1.0.",
     ),
     (
-        lambda: optim.map_grads(3),
+        lambda: optim.map_grads(3),  # type: ignore[arg-type]
         TypeError,
         "fparams.optim.map_grads: `fn` must be a callable fn(grads) -> grads; got int.",
     ),

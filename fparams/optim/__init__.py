@@ -44,7 +44,18 @@ from ._alias_torch import (
     radam,
     rprop,
 )
-from ._base import CountState, EmptyState, GradientTransformation, Hyper, InitFn, OptState, Schedule, UpdateFn
+from ._base import (
+    CountState,
+    EmptyState,
+    GradientTransformation,
+    Hyper,
+    InitFn,
+    OptState,
+    Rate,
+    Schedule,
+    Scheduled,
+    UpdateFn,
+)
 from ._groups import (
     MultiTransformState,
     clip_grad_norm,
@@ -76,7 +87,9 @@ __all__ = [
     "NadamState",
     "RadamState",
     "RpropState",
+    "Rate",
     "Schedule",
+    "Scheduled",
     "adadelta",
     "adafactor",
     "adagrad",

@@ -16,8 +16,15 @@ from torch import Tensor
 
 from .._checks import check_flag
 from .._errors import FparamsValueError, public
-from .._types import LR
-from ._base import EmptyState, GradientTransformation, Hyper, format_call, is_nonzero, state_repr
+from ._base import (
+    EmptyState,
+    GradientTransformation,
+    Rate,
+    Scheduled,
+    format_call,
+    is_nonzero,
+    state_repr,
+)
 from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, make_adam, make_rms, make_trace
 from ._transforms import build_named, make_decay, make_lr
 
@@ -109,10 +116,10 @@ def named(
 
 @public("optim.sgd")
 def sgd(
-    lr: LR = 1e-3,
-    momentum: Hyper = 0.0,
-    dampening: Hyper = 0.0,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 1e-3,
+    momentum: Scheduled = 0.0,
+    dampening: Scheduled = 0.0,
+    weight_decay: Scheduled = 0.0,
     nesterov: bool = False,
     *,
     maximize: bool = False,
@@ -150,10 +157,10 @@ def sgd(
 
 @public("optim.adam")
 def adam(
-    lr: LR = 1e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 1e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
     amsgrad: bool = False,
     *,
     maximize: bool = False,
@@ -180,10 +187,10 @@ def adam(
 
 @public("optim.adamw")
 def adamw(
-    lr: LR = 1e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 1e-2,
+    lr: Rate = 1e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 1e-2,
     amsgrad: bool = False,
     *,
     maximize: bool = False,
@@ -206,11 +213,11 @@ def adamw(
 
 @public("optim.rmsprop")
 def rmsprop(
-    lr: LR = 1e-2,
-    alpha: Hyper = 0.99,
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
-    momentum: Hyper = 0.0,
+    lr: Rate = 1e-2,
+    alpha: Scheduled = 0.99,
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
+    momentum: Scheduled = 0.0,
     centered: bool = False,
     *,
     maximize: bool = False,
@@ -237,10 +244,10 @@ def rmsprop(
 
 @public("optim.higher_adam")
 def higher_adam(
-    lr: LR = 1e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 1e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
     amsgrad: bool = False,
 ) -> GradientTransformation:
     """Adam exactly as ``higher``'s differentiable Adam (higher 0.2.1, the release on PyPI).

@@ -15,9 +15,8 @@ from torch import Tensor
 
 from .._checks import check_flag, check_hyper
 from .._errors import FparamsTypeError, FparamsValueError, public
-from .._types import LR
 from ._alias import named
-from ._base import EmptyState, GradientTransformation, Hyper, hyper, state_repr
+from ._base import EmptyState, GradientTransformation, Rate, Scheduled, hyper, state_repr
 from ._moments import check_betas_schedules
 from ._scalers import (
     AdafactorRule,
@@ -116,11 +115,11 @@ class AdafactorState(NamedTuple):
 
 @public("optim.adagrad")
 def adagrad(
-    lr: LR = 1e-2,
-    lr_decay: Hyper = 0.0,
-    weight_decay: Hyper = 0.0,
-    initial_accumulator_value: Hyper = 0.0,
-    eps: Hyper = 1e-10,
+    lr: Rate = 1e-2,
+    lr_decay: Scheduled = 0.0,
+    weight_decay: Scheduled = 0.0,
+    initial_accumulator_value: Scheduled = 0.0,
+    eps: Scheduled = 1e-10,
     *,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -147,7 +146,12 @@ def adagrad(
 
 @public("optim.adadelta")
 def adadelta(
-    lr: LR = 1.0, rho: Hyper = 0.9, eps: Hyper = 1e-6, weight_decay: Hyper = 0.0, *, maximize: bool = False
+    lr: Rate = 1.0,
+    rho: Scheduled = 0.9,
+    eps: Scheduled = 1e-6,
+    weight_decay: Scheduled = 0.0,
+    *,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.Adadelta``: ``p -= lr * sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g``.
 
@@ -169,10 +173,10 @@ def adadelta(
 
 @public("optim.adamax")
 def adamax(
-    lr: LR = 2e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 2e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
     *,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -194,11 +198,11 @@ def adamax(
 
 @public("optim.asgd")
 def asgd(
-    lr: Hyper = 1e-2,
-    lambd: Hyper = 1e-4,
-    alpha: Hyper = 0.75,
-    t0: Hyper = 1e6,
-    weight_decay: Hyper = 0.0,
+    lr: Scheduled = 1e-2,
+    lambd: Scheduled = 1e-4,
+    alpha: Scheduled = 0.75,
+    t0: Scheduled = 1e6,
+    weight_decay: Scheduled = 0.0,
     *,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -236,9 +240,9 @@ def _pair(name: str, value: object) -> Tuple[Any, Any]:
 
 @public("optim.rprop")
 def rprop(
-    lr: Hyper = 1e-2,
-    etas: Tuple[Hyper, Hyper] = (0.5, 1.2),
-    step_sizes: Tuple[Hyper, Hyper] = (1e-6, 50),
+    lr: Scheduled = 1e-2,
+    etas: Tuple[Scheduled, Scheduled] = (0.5, 1.2),
+    step_sizes: Tuple[Scheduled, Scheduled] = (1e-6, 50),
     *,
     maximize: bool = False,
 ) -> GradientTransformation:
@@ -276,11 +280,11 @@ def rprop(
 
 @public("optim.nadam")
 def nadam(
-    lr: LR = 2e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
-    momentum_decay: Hyper = 4e-3,
+    lr: Rate = 2e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
+    momentum_decay: Scheduled = 4e-3,
     decoupled_weight_decay: bool = False,
     *,
     maximize: bool = False,
@@ -319,10 +323,10 @@ def _decayed(field: str, rule: GradientTransformation, weight_decay: Any, decoup
 
 @public("optim.radam")
 def radam(
-    lr: LR = 1e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 1e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
     decoupled_weight_decay: bool = False,
     *,
     maximize: bool = False,
@@ -346,11 +350,11 @@ def radam(
 
 @public("optim.adafactor")
 def adafactor(
-    lr: Hyper = 1e-2,
+    lr: Scheduled = 1e-2,
     beta2_decay: float = -0.8,
     eps: Tuple[Optional[float], float] = (None, 1e-3),
     d: float = 1.0,
-    weight_decay: Hyper = 0.0,
+    weight_decay: Scheduled = 0.0,
     *,
     maximize: bool = False,
 ) -> GradientTransformation:

@@ -31,6 +31,13 @@ from .._types import TensorDict, Updates
 #: The state of an optimizer: a NamedTuple of dicts of tensors, or a tuple of such states.
 OptState = Any
 
+#: A hyperparameter that may change per step: a number, a tensor, a list of per-step values
+#: (numbers or tensors) or a callable of the step (see :class:`Schedule`).
+Scheduled = Union[float, Tensor, Sequence[Union[float, Tensor]], Callable[[Tensor], Any], "Schedule"]
+
+#: A learning rate: a :data:`Scheduled` hyperparameter or a dict of per-parameter rates.
+Rate = Union[Scheduled, Mapping[str, Tensor]]
+
 
 class InitFn(Protocol):
     """``init(params) -> state``."""

@@ -15,8 +15,8 @@ from .._checks import check_betas, check_flag
 from .._errors import public
 from ._base import (
     GradientTransformation,
-    Hyper,
     Schedule,
+    Scheduled,
     at,
     bias_correction,
     ema,
@@ -103,7 +103,7 @@ class _Trace(PerParam):
 
 
 @public("optim.trace")
-def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> GradientTransformation:
+def trace(momentum: Scheduled, dampening: Scheduled = 0.0, nesterov: bool = False) -> GradientTransformation:
     """Momentum as in ``torch.optim.SGD``: ``b = momentum * b + (1 - dampening) * g``.
 
     On a parameter's first step the buffer is ``g`` itself (torch's rule,
@@ -153,8 +153,8 @@ class _ScaleByAdam(PerParam):
 
 @public("optim.scale_by_adam")
 def scale_by_adam(
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
     amsgrad: bool = False,
     *,
     eps_before_correction: bool = False,
@@ -223,7 +223,9 @@ class _ScaleByRms(PerParam):
 
 
 @public("optim.scale_by_rms")
-def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False) -> GradientTransformation:
+def scale_by_rms(
+    alpha: Scheduled = 0.99, eps: Scheduled = 1e-8, centered: bool = False
+) -> GradientTransformation:
     """RMSprop's direction ``g / (sqrt(v) + eps)`` as in ``torch.optim.RMSprop``.
 
     ``v`` is a running average of ``g * g`` with decay ``alpha``; with

@@ -18,14 +18,15 @@ from torch import Tensor
 
 from .._checks import check_lr
 from .._errors import FparamsTypeError, FparamsValueError, public
-from .._types import LR, TensorDict, Updates
+from .._types import TensorDict, Updates
 from ._base import (
     CountState,
     EmptyState,
     GradientTransformation,
-    Hyper,
     OptState,
+    Rate,
     Schedule,
+    Scheduled,
     Transform,
     at,
     check_grads,
@@ -205,7 +206,7 @@ def identity() -> GradientTransformation:
 
 
 @public("optim.add_decayed_weights")
-def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
+def add_decayed_weights(weight_decay: Scheduled) -> GradientTransformation:
     """``g + weight_decay * p``: L2 weight decay (or, after a rescaling, decoupled decay).
 
     ``update`` needs ``params``. ``weight_decay`` may be a schedule.
@@ -221,7 +222,7 @@ def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
 
 
 @public("optim.scale_by_learning_rate")
-def scale_by_learning_rate(lr: LR) -> GradientTransformation:
+def scale_by_learning_rate(lr: Rate) -> GradientTransformation:
     """``-lr * u``: turn a descent direction into an update.
 
     ``lr`` is a number, a tensor (a learned rate), a dict with one rate per
