@@ -411,3 +411,23 @@ def test_map_grads_sees_the_gradients_by_name() -> None:
     assert seen == [["b", "w"]]
     torch.testing.assert_close(updates["w"], torch.full((2,), -0.1))
     torch.testing.assert_close(updates["b"], torch.full((2,), -1.0))
+
+
+def test_update_does_not_validate_hyperparameters_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 19 item 9: checks run once, when the optimizer is built; an inner step runs none of the
+    # hyperparameter/state checks (only the cheap shape/dtype check of the gradients, check_grads)
+    import sys
+
+    opts = [factory(**kw) for factory, _, kws in OPTIMIZERS for kw in kws[:1]]
+    params = {"w": torch.ones(3, 2), "b": torch.ones(2)}
+    states = [opt.init(params) for opt in opts]
+
+    def forbidden(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a check ran inside update()")
+
+    for module in [m for name, m in list(sys.modules.items()) if name.startswith("fparams")]:
+        for name in [n for n in vars(module) if n.startswith("check_") and n != "check_grads"]:
+            monkeypatch.setattr(module, name, forbidden)
+    for opt, state in zip(opts, states):
+        for _ in range(2):
+            _, state = opt.update({k: torch.ones_like(p) for k, p in params.items()}, state, params)
