@@ -26,22 +26,78 @@ Examples:
 """
 
 from ._alias import AdamState, AdamWState, RmspropState, SgdState, adam, adamw, higher_adam, rmsprop, sgd
-from ._base import EmptyState, GradientTransformation, Hyper, InitFn, OptState, UpdateFn
-from ._transforms import (
-    ScaleByAdamState,
-    ScaleByRmsState,
-    TraceState,
-    add_decayed_weights,
-    chain,
-    identity,
-    named_chain,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_rms,
-    trace,
+from ._alias_torch import (
+    AdadeltaState,
+    AdafactorState,
+    AdagradState,
+    AdamaxState,
+    AsgdState,
+    NadamState,
+    RadamState,
+    RpropState,
+    adadelta,
+    adafactor,
+    adagrad,
+    adamax,
+    asgd,
+    nadam,
+    radam,
+    rprop,
 )
+from ._base import (
+    CountState,
+    EmptyState,
+    GradientTransformation,
+    Hyper,
+    InitFn,
+    OptState,
+    Rate,
+    Schedule,
+    Scheduled,
+    UpdateFn,
+)
+from ._groups import (
+    MultiTransformState,
+    clip_grad_norm,
+    clip_grad_value,
+    map_grads,
+    multi_transform,
+    partition,
+)
+from ._interop import from_torch, from_torch_state, to_torch_state
+from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, scale_by_adam, scale_by_rms, trace
+from ._transforms import add_decayed_weights, chain, identity, named_chain, scale_by_learning_rate
 
 __all__ = [
+    "AdadeltaState",
+    "AdafactorState",
+    "AdagradState",
+    "AdamaxState",
+    "AsgdState",
+    "CountState",
+    "MultiTransformState",
+    "clip_grad_norm",
+    "from_torch",
+    "map_grads",
+    "from_torch_state",
+    "to_torch_state",
+    "clip_grad_value",
+    "multi_transform",
+    "partition",
+    "NadamState",
+    "RadamState",
+    "RpropState",
+    "Rate",
+    "Schedule",
+    "Scheduled",
+    "adadelta",
+    "adafactor",
+    "adagrad",
+    "adamax",
+    "asgd",
+    "nadam",
+    "radam",
+    "rprop",
     "AdamState",
     "AdamWState",
     "EmptyState",
@@ -69,3 +125,7 @@ __all__ = [
     "sgd",
     "trace",
 ]
+
+from ._saved import allow_states_in_torch_load as _allow_states
+
+_allow_states()

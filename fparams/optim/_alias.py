@@ -14,29 +14,19 @@ from typing import Any, Dict, NamedTuple, Tuple
 
 from torch import Tensor
 
-from .._checks import check_betas, check_flag, check_hyper, check_lr
-from .._types import LR
+from .._checks import check_flag
+from .._errors import FparamsValueError, public
 from ._base import (
     EmptyState,
     GradientTransformation,
-    Hyper,
-    described,
+    Rate,
+    Scheduled,
     format_call,
     is_nonzero,
     state_repr,
 )
-from ._transforms import (
-    ScaleByAdamState,
-    ScaleByRmsState,
-    TraceState,
-    add_decayed_weights,
-    identity,
-    named_chain_for,
-    scale_by_adam,
-    scale_by_learning_rate,
-    scale_by_rms,
-    trace,
-)
+from ._moments import ScaleByAdamState, ScaleByRmsState, TraceState, make_adam, make_rms, make_trace
+from ._transforms import build_named, make_decay, make_lr
 
 
 class SgdState(NamedTuple):
@@ -62,7 +52,7 @@ class AdamState(NamedTuple):
     Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.adam(0.1).init({"w": torch.zeros(2)})
-        AdamState(weight_decay=EmptyState(), adam=ScaleByAdamState(step=0, mu={'w': float32[2]}, \
+        AdamState(weight_decay=EmptyState(), adam=ScaleByAdamState(step={'w': 0}, mu={'w': float32[2]}, \
 nu={'w': float32[2]}, nu_max={}), lr=EmptyState())
     """
 
@@ -97,7 +87,7 @@ class RmspropState(NamedTuple):
     Examples:
         >>> import torch, fparams.optim
         >>> fparams.optim.rmsprop().init({"w": torch.zeros(2)}).rms
-        ScaleByRmsState(nu={'w': float32[2]}, mu={})
+        ScaleByRmsState(step={'w': 0}, nu={'w': float32[2]}, mu={})
     """
 
     weight_decay: EmptyState
@@ -109,24 +99,30 @@ class RmspropState(NamedTuple):
         return state_repr(self)
 
 
-def _decay(weight_decay: Hyper) -> GradientTransformation:
-    return add_decayed_weights(weight_decay) if is_nonzero(weight_decay) else identity()
-
-
-def _named(
-    opt: GradientTransformation, name: str, shown: Dict[str, Any], optional: Dict[str, Any]
+def named(
+    name: str,
+    state_type: Any,
+    parts: Dict[str, GradientTransformation],
+    shown: Dict[str, Any],
+    optional: Dict[str, Any],
+    maximize: bool = False,
 ) -> GradientTransformation:
-    # The optimizer prints as its call: ``shown`` always, ``optional`` where not at its default.
+    """A named chain that prints as its call: ``shown`` always, ``optional`` where not at its default."""
+    check_flag("maximize", maximize)
     extra = {k: v for k, v in optional.items() if is_nonzero(v)}  # False, 0 and 0.0 are defaults
-    return described(opt.init, opt.update, format_call(name, **shown, **extra))
+    extra.update({"maximize": True} if maximize else {})
+    return build_named(state_type, parts, format_call(name, **shown, **extra), maximize)
 
 
+@public("optim.sgd")
 def sgd(
-    lr: LR = 1e-3,
-    momentum: Hyper = 0.0,
-    dampening: Hyper = 0.0,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 1e-3,
+    momentum: Scheduled = 0.0,
+    dampening: Scheduled = 0.0,
+    weight_decay: Scheduled = 0.0,
     nesterov: bool = False,
+    *,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.SGD`` as a pure update rule: weight decay, momentum, Nesterov.
 
@@ -147,37 +143,27 @@ def sgd(
         >>> params
         {'w': tensor([0.7100, 0.7100])}
         >>> state.momentum
-        TraceState(step=2, trace={'w': float32[2]})
+        TraceState(step={'w': 2}, trace={'w': float32[2]})
     """
-    where = "fparams.optim.sgd"
-    check_lr(where, lr)
-    check_hyper(where, "momentum", momentum)
-    check_hyper(where, "dampening", dampening, high=1.0, high_closed=True)
-    check_hyper(where, "weight_decay", weight_decay)
-    check_flag(where, "nesterov", nesterov)
-    if nesterov and not isinstance(momentum, Tensor) and momentum == 0:
-        raise ValueError(f"{where}: `nesterov=True` needs a `momentum` > 0; got momentum={momentum!r}.")
-    if nesterov and not isinstance(dampening, Tensor) and dampening != 0:
-        raise ValueError(f"{where}: `nesterov=True` needs `dampening` == 0; got dampening={dampening!r}.")
-    opt = named_chain_for(
-        where,
-        SgdState,
-        dict(
-            weight_decay=_decay(weight_decay),
-            momentum=trace(momentum, dampening, nesterov),
-            lr=scale_by_learning_rate(lr),
-        ),
-    )
+    mom = make_trace(momentum, dampening, nesterov)
+    if nesterov and not is_nonzero(mom.momentum):
+        raise FparamsValueError(f"`nesterov=True` needs a `momentum` > 0; got momentum={momentum!r}.")
+    if nesterov and not isinstance(mom.dampening, Tensor) and is_nonzero(mom.dampening):
+        raise FparamsValueError(f"`nesterov=True` needs `dampening` == 0; got dampening={dampening!r}.")
+    parts = dict(weight_decay=make_decay(weight_decay), momentum=mom.as_transformation(), lr=make_lr(lr))
     optional = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-    return _named(opt, "sgd", dict(lr=lr), optional)
+    return named("sgd", SgdState, parts, dict(lr=lr), optional, maximize)
 
 
+@public("optim.adam")
 def adam(
-    lr: LR = 1e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 1e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
     amsgrad: bool = False,
+    *,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.Adam`` as a pure update rule; ``weight_decay`` is L2 (added to the gradient).
 
@@ -193,31 +179,21 @@ def adam(
         >>> state.adam.mu
         {'w': tensor([ 0.4000, -0.0100])}
     """
-    where = "fparams.optim.adam"
-    check_lr(where, lr)
-    check_betas(where, betas)
-    check_hyper(where, "eps", eps)
-    check_hyper(where, "weight_decay", weight_decay)
-    check_flag(where, "amsgrad", amsgrad)
-    opt = named_chain_for(
-        where,
-        AdamState,
-        dict(
-            weight_decay=_decay(weight_decay),
-            adam=scale_by_adam(betas, eps, amsgrad),
-            lr=scale_by_learning_rate(lr),
-        ),
-    )
+    direction = make_adam(betas, eps, amsgrad).as_transformation()
+    parts = dict(weight_decay=make_decay(weight_decay), adam=direction, lr=make_lr(lr))
     shown = dict(lr=lr, betas=tuple(betas), eps=eps)
-    return _named(opt, "adam", shown, dict(weight_decay=weight_decay, amsgrad=amsgrad))
+    return named("adam", AdamState, parts, shown, dict(weight_decay=weight_decay, amsgrad=amsgrad), maximize)
 
 
+@public("optim.adamw")
 def adamw(
-    lr: LR = 1e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 1e-2,
+    lr: Rate = 1e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 1e-2,
     amsgrad: bool = False,
+    *,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.AdamW``: Adam with decoupled weight decay ``-lr * weight_decay * p``.
 
@@ -229,32 +205,22 @@ def adamw(
         >>> fparams.apply_updates(params, updates)  # 2 - 0.1 * (1 + 0.5 * 2)
         {'w': tensor([1.8000])}
     """
-    where = "fparams.optim.adamw"
-    check_lr(where, lr)
-    check_betas(where, betas)
-    check_hyper(where, "eps", eps)
-    check_hyper(where, "weight_decay", weight_decay)
-    check_flag(where, "amsgrad", amsgrad)
-    opt = named_chain_for(
-        where,
-        AdamWState,
-        dict(
-            adam=scale_by_adam(betas, eps, amsgrad),
-            weight_decay=_decay(weight_decay),
-            lr=scale_by_learning_rate(lr),
-        ),
-    )
+    direction = make_adam(betas, eps, amsgrad).as_transformation()
+    parts = dict(adam=direction, weight_decay=make_decay(weight_decay), lr=make_lr(lr))
     shown = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-    return _named(opt, "adamw", shown, dict(amsgrad=amsgrad))
+    return named("adamw", AdamWState, parts, shown, dict(amsgrad=amsgrad), maximize)
 
 
+@public("optim.rmsprop")
 def rmsprop(
-    lr: LR = 1e-2,
-    alpha: Hyper = 0.99,
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
-    momentum: Hyper = 0.0,
+    lr: Rate = 1e-2,
+    alpha: Scheduled = 0.99,
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
+    momentum: Scheduled = 0.0,
     centered: bool = False,
+    *,
+    maximize: bool = False,
 ) -> GradientTransformation:
     """``torch.optim.RMSprop`` as a pure update rule: L2 weight decay, centering, momentum.
 
@@ -266,32 +232,22 @@ def rmsprop(
         >>> fparams.apply_updates(params, updates)
         {'w': tensor([1.0100])}
     """
-    where = "fparams.optim.rmsprop"
-    check_lr(where, lr)
-    check_hyper(where, "alpha", alpha, high=1.0, high_closed=True)
-    check_hyper(where, "eps", eps)
-    check_hyper(where, "weight_decay", weight_decay)
-    check_hyper(where, "momentum", momentum)
-    check_flag(where, "centered", centered)
-    opt = named_chain_for(
-        where,
-        RmspropState,
-        dict(
-            weight_decay=_decay(weight_decay),
-            rms=scale_by_rms(alpha, eps, centered),
-            momentum=trace(momentum),
-            lr=scale_by_learning_rate(lr),
-        ),
+    parts = dict(
+        weight_decay=make_decay(weight_decay),
+        rms=make_rms(alpha, eps, centered).as_transformation(),
+        momentum=make_trace(momentum).as_transformation(),
+        lr=make_lr(lr),
     )
     optional = dict(weight_decay=weight_decay, momentum=momentum, centered=centered)
-    return _named(opt, "rmsprop", dict(lr=lr, alpha=alpha, eps=eps), optional)
+    return named("rmsprop", RmspropState, parts, dict(lr=lr, alpha=alpha, eps=eps), optional, maximize)
 
 
+@public("optim.higher_adam")
 def higher_adam(
-    lr: LR = 1e-3,
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    weight_decay: Hyper = 0.0,
+    lr: Rate = 1e-3,
+    betas: Tuple[Scheduled, Scheduled] = (0.9, 0.999),
+    eps: Scheduled = 1e-8,
+    weight_decay: Scheduled = 0.0,
     amsgrad: bool = False,
 ) -> GradientTransformation:
     """Adam exactly as ``higher``'s differentiable Adam (higher 0.2.1, the release on PyPI).
@@ -319,17 +275,7 @@ def higher_adam(
         >>> updates["w"]  # -0.1 * sqrt(0.001) / 0.1 * 0.01 / (sqrt(1e-5) + 0.1)
         tensor([-0.0031])
     """
-    where = "fparams.optim.higher_adam"
-    check_lr(where, lr)
-    check_betas(where, betas)  # checked here too, so that errors name higher_adam
-    check_hyper(where, "eps", eps)
-    check_hyper(where, "weight_decay", weight_decay)
-    check_flag(where, "amsgrad", amsgrad)
-    direction = scale_by_adam(betas, eps, amsgrad, eps_before_correction=True)
-    opt = named_chain_for(
-        where,
-        AdamState,
-        dict(weight_decay=_decay(weight_decay), adam=direction, lr=scale_by_learning_rate(lr)),
-    )
+    direction = make_adam(betas, eps, amsgrad, eps_before_correction=True).as_transformation()
+    parts = dict(weight_decay=make_decay(weight_decay), adam=direction, lr=make_lr(lr))
     shown = dict(lr=lr, betas=tuple(betas), eps=eps)
-    return _named(opt, "higher_adam", shown, dict(weight_decay=weight_decay, amsgrad=amsgrad))
+    return named("higher_adam", AdamState, parts, shown, dict(weight_decay=weight_decay, amsgrad=amsgrad))

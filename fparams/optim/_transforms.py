@@ -1,78 +1,308 @@
 """Small gradient transformations that the named optimizers are chains of.
 
-Each returns a :class:`GradientTransformation`. Their formulas are
-``torch.optim``'s, written without in-place operations, with the step count
-kept as a tensor so that no Python control flow depends on data.
+Each factory returns a :class:`GradientTransformation` over the bound methods
+of a module-level class (so it pickles). Their formulas are ``torch.optim``'s,
+written without in-place operations, with step counts kept per parameter as
+tensors (torch's ``state["step"]``) so that no Python control flow depends on
+data and a parameter that gets its first gradient late is bias-corrected as
+torch does it. ``grads`` may lack names: those params get no update and keep
+their state.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, NamedTuple, Optional, Tuple, Type
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Type
 
 import torch
 from torch import Tensor
 
-from .._checks import check_betas, check_dict, check_flag, check_hyper, check_lr, check_rate_keys, check_state
-from .._transforms import map_params, zeros_like
-from .._types import LR, TensorDict, Updates
+from .._checks import check_lr
+from .._errors import FparamsTypeError, FparamsValueError, public
+from .._types import TensorDict, Updates
 from ._base import (
+    CountState,
     EmptyState,
     GradientTransformation,
-    Hyper,
     OptState,
-    bias_correction,
+    Rate,
+    Schedule,
+    Scheduled,
+    Transform,
+    at,
     check_grads,
-    check_params,
-    described,
-    ema,
-    ema_square,
-    format_call,
-    init_step,
+    hyper,
+    init_steps,
     is_nonzero,
-    safe_sqrt,
-    state_repr,
+    need_params,
+    unknown_name,
 )
 
-
-class TraceState(NamedTuple):
-    """State of :func:`trace`: the step count and the momentum buffer."""
-
-    step: Tensor
-    trace: Dict[str, Tensor]
-
-    def __repr__(self) -> str:
-        return state_repr(self)
+# -- the two kinds of transform: per-parameter rules with state, and stateless maps ----------
 
 
-class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`: step count, first and second moments.
+class PerParam(Transform):
+    """A rule applied to each parameter on its own, with per-name state slots and a step count.
 
-    ``nu_max`` is the running maximum of ``nu`` with ``amsgrad=True`` and an
-    empty dict otherwise.
+    Subclasses set ``state_type`` (a NamedTuple whose first field is ``step``,
+    then one dict per slot), ``init_slots(p)``, ``scalars(step)`` (what depends
+    only on the step, which counts this update from 1: bias corrections,
+    scheduled hyperparameters) and ``rule(g, p, scalars, slots)``. A slot value
+    of None is not stored. Parameters that have taken the same steps share one
+    step tensor, so ``scalars`` runs once per update, not once per parameter.
     """
 
-    step: Tensor
-    mu: Dict[str, Tensor]
-    nu: Dict[str, Tensor]
-    nu_max: Dict[str, Tensor]
+    state_type: Type[Any] = NamedTuple
+    reads_params = False
 
-    def __repr__(self) -> str:
-        return state_repr(self)
+    def init_slots(self, p: Tensor) -> Tuple[Optional[Tensor], ...]:  # pragma: no cover
+        raise NotImplementedError
+
+    def scalars(self, step: Tensor) -> Any:
+        """What the rule needs that depends only on the step (the step itself by default)."""
+        return step
+
+    def rule(self, g: Tensor, p: Any, sc: Any, slots: Tuple[Any, ...]) -> Tuple[Tensor, Tuple[Any, ...]]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _init(self, params: TensorDict) -> OptState:
+        n = len(self.state_type._fields) - 1
+        slots: List[Dict[str, Tensor]] = [{} for _ in range(n)]
+        for k, p in params.items():
+            for i, v in enumerate(self.init_slots(p)):
+                if v is not None:
+                    slots[i][k] = v
+        return self.state_type(init_steps(params), *slots)
+
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
+        self.check_state(state, self.state_type)
+        ps = need_params(params) if self.reads_params else None
+        steps = dict(state.step)
+        slots = [dict(s) for s in state[1:]]
+        updates = {}
+        # (old step, new step, its scalars); by identity (`is`, not id(): torch.compile guards on id)
+        shared: List[Tuple[Tensor, Tensor, Any]] = []
+        for k, g in grads.items():
+            old_step = steps.get(k)
+            if old_step is None:
+                raise unknown_name(k)
+            hit = next((h for h in shared if h[0] is old_step), None)
+            if hit is None:
+                new_step = old_step + 1
+                hit = (old_step, new_step, self.scalars(new_step))
+                shared.append(hit)
+            old = tuple(s.get(k) for s in slots)
+            updates[k], new = self.rule(g, None if ps is None else ps[k], hit[2], old)
+            steps[k] = hit[1]
+            for s, v in zip(slots, new):
+                if v is not None:
+                    s[k] = v
+        return updates, self.state_type(steps, *slots)
 
 
-class ScaleByRmsState(NamedTuple):
-    """State of :func:`scale_by_rms`: the mean square and (``centered``) the mean gradient.
+class Stateless(Transform):
+    """A map ``(g, p, step) -> u`` per name; it counts steps only where a hyperparameter is a schedule."""
 
-    ``mu`` is an empty dict unless ``centered=True``.
+    reads_params = False
+
+    def __init__(self, **shown: object) -> None:
+        super().__init__(**shown)
+        self.scheduled = any(isinstance(v, Schedule) for v in shown.values())
+
+    def map(self, g: Tensor, p: Any, step: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _init(self, params: TensorDict) -> OptState:
+        return CountState(init_steps(params)) if self.scheduled else EmptyState()
+
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
+        self.check_state(state, CountState if self.scheduled else EmptyState)
+        ps = need_params(params) if self.reads_params else None
+        if not self.scheduled:
+            zero = _ZERO
+            return {k: self.map(g, None if ps is None else ps[k], zero) for k, g in grads.items()}, state
+        steps = dict(state.step)
+        updates = {}
+        for k, g in grads.items():
+            updates[k] = self.map(g, None if ps is None else ps[k], steps[k])
+            steps[k] = steps[k] + 1
+        return updates, CountState(steps)
+
+
+_ZERO = torch.zeros((), dtype=torch.int64)
+
+
+class _Identity(Stateless):
+    name = "identity"
+
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
+        self.check_state(state, EmptyState)
+        return dict(grads), state
+
+
+class _AddDecayedWeights(Stateless):
+    name = "add_decayed_weights"
+    reads_params = True
+
+    def __init__(self, weight_decay: Any) -> None:
+        super().__init__(weight_decay=weight_decay)
+        self.weight_decay = weight_decay
+
+    def map(self, g: Tensor, p: Any, step: Tensor) -> Tensor:
+        out: Tensor = g + at(self.weight_decay, step) * p
+        return out
+
+
+class _ScaleByLearningRate(Stateless):
+    name = "scale_by_learning_rate"
+
+    def __init__(self, lr: Any, per_name: Optional[Dict[str, Any]]) -> None:
+        super().__init__(lr=lr)
+        self.lr, self.per_name = lr, per_name
+
+    def _init(self, params: TensorDict) -> OptState:
+        if self.per_name is not None:
+            missing = sorted(k for k in params if k not in self.per_name)
+            if missing:
+                raise FparamsValueError(
+                    "`lr` is a dict of per-parameter rates but has no rate for: "
+                    + ", ".join(repr(k) for k in missing)
+                    + ". Give one rate per parameter that gets a gradient."
+                )
+        return super()._init(params)
+
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
+        self.check_state(state, CountState if self.scheduled else EmptyState)
+        if self.per_name is not None:
+            return {k: -self.per_name[k] * g for k, g in grads.items()}, state
+        if not self.scheduled:
+            lr = self.lr
+            return {k: -lr * g for k, g in grads.items()}, state
+        return super()._update(grads, state, params)
+
+    def map(self, g: Tensor, p: Any, step: Tensor) -> Tensor:
+        out: Tensor = -at(self.lr, step) * g
+        return out
+
+
+@public("optim.identity")
+def identity() -> GradientTransformation:
+    """Pass the updates through unchanged: the placeholder of a switched-off transform.
+
+    Examples:
+        >>> import torch, fparams.optim as optim
+        >>> opt = optim.identity()
+        >>> opt.update({"w": torch.ones(1)}, opt.init({"w": torch.ones(1)}))
+        ({'w': tensor([1.])}, EmptyState())
     """
+    return _Identity().as_transformation()
 
-    nu: Dict[str, Tensor]
-    mu: Dict[str, Tensor]
+
+@public("optim.add_decayed_weights")
+def add_decayed_weights(weight_decay: Scheduled) -> GradientTransformation:
+    """``g + weight_decay * p``: L2 weight decay (or, after a rescaling, decoupled decay).
+
+    ``update`` needs ``params``. ``weight_decay`` may be a schedule.
+
+    Examples:
+        >>> import torch, fparams.optim as optim
+        >>> opt = optim.add_decayed_weights(0.1)
+        >>> params = {"w": torch.full((2,), 2.0)}
+        >>> opt.update({"w": torch.ones(2)}, opt.init(params), params)[0]
+        {'w': tensor([1.2000, 1.2000])}
+    """
+    return _AddDecayedWeights(hyper("weight_decay", weight_decay)).as_transformation()
+
+
+@public("optim.scale_by_learning_rate")
+def scale_by_learning_rate(lr: Rate) -> GradientTransformation:
+    """``-lr * u``: turn a descent direction into an update.
+
+    ``lr`` is a number, a tensor (a learned rate), a dict with one rate per
+    parameter name (Meta-SGD style), or a schedule (a list of per-step rates
+    or a callable of the step).
+
+    Examples:
+        >>> import torch, fparams.optim as optim
+        >>> opt = optim.scale_by_learning_rate(torch.tensor(0.5, requires_grad=True))
+        >>> updates, _ = opt.update({"w": torch.ones(2)}, opt.init({"w": torch.ones(2)}))
+        >>> updates["w"].sum().backward()  # the rate gets a meta-gradient
+    """
+    return _scale_by_lr(lr).as_transformation()
+
+
+def _scale_by_lr(lr: Any) -> _ScaleByLearningRate:
+    if isinstance(lr, (list, tuple, Schedule)) or (callable(lr) and not isinstance(lr, Tensor)):
+        return _ScaleByLearningRate(hyper("lr", lr), None)
+    per_name = check_lr(lr)
+    return _ScaleByLearningRate(lr, None if per_name is None else dict(per_name))
+
+
+# -- chains -------------------------------------------------------------------------
+
+
+class _Chain(Transform):
+    """Transforms one after the other; ``maximize`` negates the gradients first (torch's flag)."""
+
+    name = "chain"
+
+    def __init__(
+        self,
+        parts: Tuple[GradientTransformation, ...],
+        state_type: Optional[Type[Any]],
+        text: str,
+        maximize: bool = False,
+    ) -> None:
+        super().__init__()
+        self.parts, self.state_type, self.text, self.maximize = parts, state_type, text, maximize
+        self.name = text[: text.index("(")]
+
+    def _init(self, params: TensorDict) -> OptState:
+        from .._checks import check_dict
+
+        check_dict("params", params)
+        states = [t.init(params) for t in self.parts]
+        return self.state_type(*states) if self.state_type is not None else tuple(states)
+
+    def _update(
+        self, grads: TensorDict, state: Any, params: Optional[TensorDict]
+    ) -> Tuple[Updates, OptState]:
+        check_grads(grads, params)
+        kind = self.state_type or tuple
+        if type(state) is not kind or len(state) != len(self.parts):
+            raise FparamsTypeError(
+                f"`state` must be the {kind.__name__} of {len(self.parts)} states that this "
+                f"chain's init() returned; got {type(state).__name__}."
+            )
+        updates: TensorDict = {k: -g for k, g in grads.items()} if self.maximize else grads
+        new_state = []
+        for t, s in zip(self.parts, state):
+            updates, s = t.update(updates, s, params)
+            new_state.append(s)
+        packed = self.state_type(*new_state) if self.state_type is not None else tuple(new_state)
+        return dict(updates), packed
 
     def __repr__(self) -> str:
-        return state_repr(self)
+        return self.text
 
 
+def _check_parts(transforms: Tuple[Any, ...]) -> None:
+    for i, t in enumerate(transforms):
+        if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
+            raise FparamsTypeError(
+                f"transform {i} must have `init` and `update` methods (a GradientTransformation such "
+                f"as fparams.optim.trace(0.9)); got {type(t).__name__}."
+            )
+
+
+@public("optim.chain")
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` one after the other; the state is a tuple of theirs.
 
@@ -85,11 +315,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         >>> opt.update({"w": torch.ones(2)}, opt.init(params), params)[0]
         {'w': tensor([-0.1500, -0.1500])}
     """
-    _check_parts("fparams.optim.chain", transforms)
-    description = "chain(" + ", ".join(repr(t) for t in transforms) + ")"
-    return _chain("fparams.optim.chain", transforms, tuple, tuple, description)
+    _check_parts(transforms)
+    text = "chain(" + ", ".join(repr(t) for t in transforms) + ")"
+    return _Chain(tuple(transforms), None, text).as_transformation()
 
 
+@public("optim.named_chain")
 def named_chain(state_type: Type[Any], **transforms: GradientTransformation) -> GradientTransformation:
     """:func:`chain` whose state is a ``state_type``, a NamedTuple with one field per transform.
 
@@ -112,289 +343,40 @@ def named_chain(state_type: Type[Any], **transforms: GradientTransformation) -> 
         >>> state.lr
         EmptyState()
     """
-    return named_chain_for("fparams.optim.named_chain", state_type, transforms)
+    return build_named(state_type, transforms)
 
 
-def named_chain_for(
-    where: str, state_type: Type[Any], transforms: Dict[str, GradientTransformation]
+def build_named(
+    state_type: Type[Any],
+    transforms: Dict[str, GradientTransformation],
+    text: Optional[str] = None,
+    maximize: bool = False,
 ) -> GradientTransformation:
-    """:func:`named_chain`, with ``where`` (the named optimizer) as its errors' prefix."""
+    """:func:`named_chain`; ``text`` (the named optimizer's call) replaces its repr."""
     fields = getattr(state_type, "_fields", None)
     if not isinstance(state_type, type) or not isinstance(fields, tuple):
-        raise TypeError(f"{where}: `state_type` must be a NamedTuple class; got {state_type!r}.")
+        raise FparamsTypeError(f"`state_type` must be a NamedTuple class; got {state_type!r}.")
     if list(transforms) != list(fields):
-        raise ValueError(
-            f"{where}: the transforms must be given by the fields of {state_type.__name__}, in "
+        raise FparamsValueError(
+            f"the transforms must be given by the fields of {state_type.__name__}, in "
             f"order: {', '.join(fields)}; got {', '.join(transforms) or 'none'}."
         )
-    _check_parts(where, tuple(transforms.values()))
-    description = f"named_chain({state_type.__name__}, " + ", ".join(
-        f"{k}={t!r}" for k, t in transforms.items()
-    ) + ")"
-    parts = tuple(transforms.values())
-    return _chain(where, parts, lambda states: state_type(*states), state_type, description)
+    _check_parts(tuple(transforms.values()))
+    if text is None:
+        text = (
+            f"named_chain({state_type.__name__}, "
+            + ", ".join(f"{k}={t!r}" for k, t in transforms.items())
+            + ")"
+        )
+    return _Chain(tuple(transforms.values()), state_type, text, maximize).as_transformation()
 
 
-def _check_parts(where: str, transforms: Tuple[Any, ...]) -> None:
-    for i, t in enumerate(transforms):
-        if not (callable(getattr(t, "init", None)) and callable(getattr(t, "update", None))):
-            raise TypeError(
-                f"{where}: transform {i} must have `init` and `update` methods (a "
-                f"GradientTransformation such as fparams.optim.trace(0.9)); got {type(t).__name__}."
-            )
+def make_decay(weight_decay: Any) -> GradientTransformation:
+    """``add_decayed_weights`` where the decay is nonzero, else ``identity()`` (checked)."""
+    wd = hyper("weight_decay", weight_decay)
+    return _AddDecayedWeights(wd).as_transformation() if is_nonzero(wd) else _Identity().as_transformation()
 
 
-def _chain(
-    where: str, transforms: Tuple[GradientTransformation, ...], pack: Any, kind: Any, description: str
-) -> GradientTransformation:
-    def init(params: TensorDict) -> OptState:
-        return pack([t.init(params) for t in transforms])
-
-    def update(
-        grads: TensorDict, state: Any, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, OptState]:
-        check_dict(where, "grads", grads)
-        if type(state) is not kind or len(state) != len(transforms):
-            raise TypeError(
-                f"{where}: `state` must be the {kind.__name__} of {len(transforms)} states that "
-                f"this chain's init() returned; got {type(state).__name__}."
-            )
-        updates: TensorDict = grads
-        new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
-            new_state.append(s)
-        return dict(updates), pack(new_state)
-
-    return described(init, update, description)
-
-
-def identity() -> GradientTransformation:
-    """Pass the updates through unchanged: the placeholder of a switched-off transform.
-
-    Examples:
-        >>> import torch, fparams.optim as optim
-        >>> opt = optim.identity()
-        >>> opt.update({"w": torch.ones(1)}, opt.init({"w": torch.ones(1)}))
-        ({'w': tensor([1.])}, EmptyState())
-    """
-    where = "fparams.optim.identity"
-
-    def init(params: TensorDict) -> EmptyState:
-        return EmptyState()
-
-    def update(
-        grads: TensorDict, state: EmptyState, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, EmptyState]:
-        check_state(where, state, EmptyState)
-        check_dict(where, "grads", grads)
-        return dict(grads), state
-
-    return described(init, update, "identity()")
-
-
-def add_decayed_weights(weight_decay: Hyper) -> GradientTransformation:
-    """``g + weight_decay * p``: L2 weight decay (or, after a rescaling, decoupled decay).
-
-    ``update`` needs ``params``.
-
-    Examples:
-        >>> import torch, fparams.optim as optim
-        >>> opt = optim.add_decayed_weights(0.1)
-        >>> params = {"w": torch.full((2,), 2.0)}
-        >>> opt.update({"w": torch.ones(2)}, opt.init(params), params)[0]
-        {'w': tensor([1.2000, 1.2000])}
-    """
-    where = "fparams.optim.add_decayed_weights"
-    check_hyper(where, "weight_decay", weight_decay)
-
-    def init(params: TensorDict) -> EmptyState:
-        return EmptyState()
-
-    def update(
-        grads: TensorDict, state: EmptyState, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, EmptyState]:
-        check_state(where, state, EmptyState)
-        params = check_params(where, params, grads)
-        return {k: g + weight_decay * params[k] for k, g in grads.items()}, state
-
-    return described(init, update, format_call("add_decayed_weights", weight_decay=weight_decay))
-
-
-def scale_by_learning_rate(lr: LR) -> GradientTransformation:
-    """``-lr * u``: turn a descent direction into an update.
-
-    ``lr`` is a number, a tensor (a learned rate), or a dict with one rate per
-    parameter name (Meta-SGD style).
-
-    Examples:
-        >>> import torch, fparams.optim as optim
-        >>> opt = optim.scale_by_learning_rate(torch.tensor(0.5, requires_grad=True))
-        >>> updates, _ = opt.update({"w": torch.ones(2)}, opt.init({"w": torch.ones(2)}))
-        >>> updates["w"].sum().backward()  # the rate gets a meta-gradient
-    """
-    where = "fparams.optim.scale_by_learning_rate"
-    per_name = check_lr(where, lr)
-
-    def init(params: TensorDict) -> EmptyState:
-        return EmptyState()
-
-    def update(
-        grads: TensorDict, state: EmptyState, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, EmptyState]:
-        check_state(where, state, EmptyState)
-        if per_name is None:
-            return {k: -lr * g for k, g in grads.items()}, state  # type: ignore[operator]
-        check_rate_keys(where, per_name, grads, per_name)
-        return {k: -per_name[k] * g for k, g in grads.items()}, state
-
-    return described(init, update, format_call("scale_by_learning_rate", lr=lr))
-
-
-def trace(momentum: Hyper, dampening: Hyper = 0.0, nesterov: bool = False) -> GradientTransformation:
-    """Momentum as in ``torch.optim.SGD``: ``b = momentum * b + (1 - dampening) * g``.
-
-    On the first step the buffer is ``g`` itself (torch's rule, which ignores
-    ``dampening`` then). The update is ``b``, or ``g + momentum * b`` with
-    ``nesterov=True``. With ``momentum`` the number 0 the update is ``g``, as
-    torch.optim's, and the buffer holds ``g`` (the state keeps its fields).
-
-    Examples:
-        >>> import torch, fparams.optim as optim
-        >>> opt = optim.trace(0.5)
-        >>> g, state = {"w": torch.ones(1)}, opt.init({"w": torch.zeros(1)})
-        >>> u, state = opt.update(g, state)
-        >>> opt.update(g, state)[0]
-        {'w': tensor([1.5000])}
-    """
-    where = "fparams.optim.trace"
-    check_hyper(where, "momentum", momentum)
-    check_hyper(where, "dampening", dampening, high=1.0, high_closed=True)
-    check_flag(where, "nesterov", nesterov)
-    # With no dampening a zero buffer gives torch's first step on its own.
-    first_step_rule = is_nonzero(dampening)
-    passthrough = not is_nonzero(momentum)  # torch ignores dampening without momentum
-
-    def init(params: TensorDict) -> TraceState:
-        return TraceState(init_step(params), zeros_like(params))
-
-    def update(
-        grads: TensorDict, state: TraceState, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, TraceState]:
-        check_state(where, state, TraceState)
-        check_grads(where, grads, state.trace)
-        if passthrough:
-            return dict(grads), TraceState(state.step + 1, dict(grads))
-
-        def buffer(g: Tensor, b: Tensor) -> Tensor:
-            new = momentum * b + (1 - dampening) * g
-            return torch.where(state.step == 0, g, new) if first_step_rule else new
-
-        buffers = map_params(buffer, grads, state.trace)
-        if nesterov:
-            updates = map_params(lambda g, b: g + momentum * b, grads, buffers)
-        else:
-            updates = dict(buffers)
-        return updates, TraceState(state.step + 1, buffers)
-
-    extra = {"dampening": dampening} if is_nonzero(dampening) else {}
-    extra.update({"nesterov": True} if nesterov else {})
-    return described(init, update, format_call("trace", momentum=momentum, **extra))
-
-
-def scale_by_adam(
-    betas: Tuple[Hyper, Hyper] = (0.9, 0.999),
-    eps: Hyper = 1e-8,
-    amsgrad: bool = False,
-    *,
-    eps_before_correction: bool = False,
-) -> GradientTransformation:
-    """Adam's direction ``m_hat / (sqrt(v_hat) + eps)``, bias-corrected as in ``torch.optim.Adam``.
-
-    ``m`` and ``v`` are running averages of ``g`` and ``g * g`` with decays
-    ``betas``. With ``amsgrad=True`` the running maximum of ``v`` is used. The
-    square root's gradient is 0 where ``v`` is 0, so parameters that never got
-    a gradient do not turn meta-gradients into NaN. With
-    ``eps_before_correction=True`` it is ``m_hat / ((sqrt(v) + eps) / sqrt(1 - beta2**t))``,
-    the formula of torch before 1.6 and of higher 0.2.1 (see
-    :func:`fparams.optim.higher_adam`).
-
-    Examples:
-        >>> import torch, fparams.optim as optim
-        >>> opt = optim.scale_by_adam()
-        >>> u, state = opt.update({"w": torch.tensor([3.0, -0.5])}, opt.init({"w": torch.zeros(2)}))
-        >>> u["w"]  # the first step is the sign of the gradient
-        tensor([ 1.0000, -1.0000])
-    """
-    where = "fparams.optim.scale_by_adam"
-    beta1, beta2 = check_betas(where, betas)
-    check_hyper(where, "eps", eps)
-    check_flag(where, "amsgrad", amsgrad)
-
-    def init(params: TensorDict) -> ScaleByAdamState:
-        nu_max = zeros_like(params) if amsgrad else {}
-        return ScaleByAdamState(init_step(params), zeros_like(params), zeros_like(params), nu_max)
-
-    def update(
-        grads: TensorDict, state: ScaleByAdamState, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, ScaleByAdamState]:
-        check_state(where, state, ScaleByAdamState)
-        check_grads(where, grads, state.mu)
-        step = state.step + 1
-        mu = map_params(lambda g, m: ema(m, g, beta1), grads, state.mu)
-        nu = map_params(lambda g, v: ema_square(v, g, beta2), grads, state.nu)
-        nu_max = map_params(torch.maximum, state.nu_max, nu) if amsgrad else {}
-        c1 = bias_correction(beta1, step)
-        c2_sqrt = bias_correction(beta2, step).sqrt()
-
-        def direction(m: Tensor, v: Tensor) -> Tensor:
-            if eps_before_correction:
-                return (c2_sqrt / c1) * m / (safe_sqrt(v) + eps)
-            return (m / c1) / (safe_sqrt(v) / c2_sqrt + eps)
-
-        updates = map_params(direction, mu, nu_max if amsgrad else nu)
-        return updates, ScaleByAdamState(step, mu, nu, nu_max)
-
-    extra: dict = {"amsgrad": True} if amsgrad else {}
-    extra.update({"eps_before_correction": True} if eps_before_correction else {})
-    return described(init, update, format_call("scale_by_adam", betas=tuple(betas), eps=eps, **extra))
-
-
-def scale_by_rms(alpha: Hyper = 0.99, eps: Hyper = 1e-8, centered: bool = False) -> GradientTransformation:
-    """RMSprop's direction ``g / (sqrt(v) + eps)`` as in ``torch.optim.RMSprop``.
-
-    ``v`` is a running average of ``g * g`` with decay ``alpha``; with
-    ``centered=True`` the square of the running mean gradient is subtracted
-    from it first. ``eps`` is added outside the square root (torch's rule, not
-    optax's).
-
-    Examples:
-        >>> import torch, fparams.optim as optim
-        >>> opt = optim.scale_by_rms(alpha=0.75, eps=0.0)
-        >>> opt.update({"w": torch.tensor([2.0])}, opt.init({"w": torch.zeros(1)}))[0]
-        {'w': tensor([2.])}
-    """
-    where = "fparams.optim.scale_by_rms"
-    check_hyper(where, "alpha", alpha, high=1.0, high_closed=True)
-    check_hyper(where, "eps", eps)
-    check_flag(where, "centered", centered)
-
-    def init(params: TensorDict) -> ScaleByRmsState:
-        return ScaleByRmsState(zeros_like(params), zeros_like(params) if centered else {})
-
-    def update(
-        grads: TensorDict, state: ScaleByRmsState, params: Optional[TensorDict] = None
-    ) -> Tuple[Updates, ScaleByRmsState]:
-        check_state(where, state, ScaleByRmsState)
-        check_grads(where, grads, state.nu)
-        nu = map_params(lambda g, v: ema_square(v, g, alpha), grads, state.nu)
-        if centered:
-            mu = map_params(lambda g, m: ema(m, g, alpha), grads, state.mu)
-            spread = map_params(lambda v, m: torch.addcmul(v, m, m, value=-1), nu, mu)
-        else:
-            mu, spread = {}, nu
-        updates = map_params(lambda g, s: g / (safe_sqrt(s) + eps), grads, spread)
-        return updates, ScaleByRmsState(nu, mu)
-
-    extra = {"centered": True} if centered else {}
-    return described(init, update, format_call("scale_by_rms", alpha=alpha, eps=eps, **extra))
+def make_lr(lr: Any) -> GradientTransformation:
+    """The checked ``scale_by_learning_rate(lr)``."""
+    return _scale_by_lr(lr).as_transformation()
