@@ -10,7 +10,7 @@
 #   `meta_value_and_grad`) and composes with `torch.func` (`grad`, `vmap`) and `torch.compile`.
 #
 # This notebook does the same MAML step with both faces, checks that they agree, and then migrates a
-# learn2learn training loop line by line. The tasks are the sine waves of `fparams.demo`:
+# learn2learn training loop line by line. The tasks are the sine waves of `fparams.datasets.sine_tasks`:
 # $y = A \sin(x - \varphi)$ with $A \sim U[0.1, 5]$, $\varphi \sim U[0, \pi]$, $x \sim U[-5, 5]$.
 
 # %%
@@ -21,12 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 import fparams
-from fparams.demo import sample_tasks
+from fparams.datasets import sine_tasks
 
 torch.set_num_threads(1)  # a tiny network: more threads only add overhead
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1))
-xs, ys, xq, yq = (t[0] for t in sample_tasks(torch.Generator().manual_seed(0), 1).data())
+xs, ys, xq, yq = (t[0] for t in sine_tasks(1, generator=torch.Generator().manual_seed(0)).data())
 mse = torch.nn.functional.mse_loss
 
 # %% [markdown]
@@ -109,7 +109,7 @@ print("update_module and apply_updates agree:", same_update)
 # opt = torch.optim.Adam(maml.parameters(), lr=1e-3)
 # for iteration in range(iterations):
 #     opt.zero_grad()
-#     for xs, ys, xq, yq in zip(*sample_tasks(generator, 10).data()):
+#     for xs, ys, xq, yq in zip(*sine_tasks(10, generator=generator).data()):
 #         learner = maml.clone()
 #         learner.adapt(mse(learner(xs), ys))
 #         (mse(learner(xq), yq) / 10).backward()
@@ -142,7 +142,7 @@ start = time.perf_counter()
 for _ in (bar := tqdm(range(iterations), desc="module face, task by task")):
     opt.zero_grad()
     meta_loss = 0.0
-    for xs_i, ys_i, xq_i, yq_i in zip(*sample_tasks(generator, tasks).data()):
+    for xs_i, ys_i, xq_i, yq_i in zip(*sine_tasks(tasks, generator=generator).data()):
         learner = maml.clone()
         learner.adapt(mse(learner(xs_i), ys_i))
         task_meta_loss = mse(learner(xq_i), yq_i) / tasks
@@ -187,7 +187,7 @@ vmap_losses = []
 start = time.perf_counter()
 for _ in (bar := tqdm(range(iterations), desc="functional face, all tasks at once")):
     # detached: the step takes the meta-gradient itself, one task's graph at a time
-    loss, grads = step(fparams.detach(params), *sample_tasks(generator, tasks).data())
+    loss, grads = step(fparams.detach(params), *sine_tasks(tasks, generator=generator).data())
     for name, p in params.items():
         p.grad = grads[name]
     opt.step()

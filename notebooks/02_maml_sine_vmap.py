@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 import fparams
 import fparams.demo
-from fparams.demo import sample_tasks
+from fparams.datasets import sine_tasks
 
 torch.set_num_threads(1)  # a tiny network: more threads only add overhead
 
@@ -60,7 +60,7 @@ losses = []
 start = time.perf_counter()
 for iteration in (bar := tqdm(range(1000), desc="meta-training")):
     # Detached: meta_value_and_grad computes the gradient itself, no outer graph is needed.
-    loss, grads = step(fparams.detach(params), *sample_tasks(generator, 25).data())
+    loss, grads = step(fparams.detach(params), *sine_tasks(25, generator=generator).data())
     for name, p in params.items():
         p.grad = grads[name]
     opt.step()
@@ -89,7 +89,7 @@ plt.show()
 # the ones `python -m fparams.demo` prints on the same machine.
 
 # %%
-held_out = sample_tasks(torch.Generator().manual_seed(1234), 100, queries=100)
+held_out = sine_tasks(100, queries=100, generator=torch.Generator().manual_seed(1234))
 inner_steps = list(range(11))
 scores = fparams.demo.evaluate(arch, params, held_out, lr=0.01, steps=inner_steps)
 for s in (0, 1, 10):
@@ -135,7 +135,7 @@ def small_task_loss(p, xs, ys, xq, yq):
     return small_mse(fparams.adapt(small_mse, p, xs, ys, lr=0.01), xq, yq)
 
 
-batch = sample_tasks(torch.Generator().manual_seed(0), 25).data()
+batch = sine_tasks(25, generator=torch.Generator().manual_seed(0)).data()
 eager_step = fparams.meta_value_and_grad(small_task_loss)
 compiled_step = fparams.meta_value_and_grad(small_task_loss, compile=True)
 

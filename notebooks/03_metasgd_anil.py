@@ -12,7 +12,7 @@
 #   `filter="head.*"` (a glob, a regex, a list of them or a predicate); the body stays as it is in
 #   the inner loop and still gets outer gradients.
 #
-# All three are trained here on the sine tasks of `fparams.demo` with the same budget, then compared.
+# All three are trained here on the sine tasks of `fparams.datasets` with the same budget, then compared.
 
 # %%
 from collections import OrderedDict
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import fparams
-from fparams.demo import sample_tasks
+from fparams.datasets import sine_tasks
 
 torch.set_num_threads(1)  # a tiny network: more threads only add overhead
 ITERATIONS = 500
@@ -36,7 +36,7 @@ def make_model(seed=0):
     return torch.nn.Sequential(OrderedDict(body=body, head=torch.nn.Linear(40, 1)))
 
 
-held_out = sample_tasks(torch.Generator().manual_seed(1234), 100, queries=100).data()
+held_out = sine_tasks(100, queries=100, generator=torch.Generator().manual_seed(1234)).data()
 
 
 def leaves(tree):
@@ -55,7 +55,7 @@ def train(task_loss, state, desc, iterations=ITERATIONS, meta_lr=3e-3):
     step = fparams.meta_value_and_grad(task_loss)
     generator = torch.Generator().manual_seed(0)
     for _ in (bar := tqdm(range(iterations), desc=desc)):
-        loss, grads = step(detached(state), *sample_tasks(generator, 25).data())
+        loss, grads = step(detached(state), *sine_tasks(25, generator=generator).data())
         for p, g in zip(leaves(state), leaves(grads)):
             p.grad = g
         opt.step()

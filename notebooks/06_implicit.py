@@ -61,7 +61,7 @@ start_notebook = time.perf_counter()
 
 def sample_tasks(generator, n, shots=10, queries=10):
     """n sine tasks A*sin(x - phase), the demo's: A ~ U[0.1, 5], phase ~ U[0, pi], x ~ U[-5, 5]."""
-    return fparams.demo.sample_tasks(generator, n, shots, queries).data()
+    return fparams.datasets.sine_tasks(n, shots, queries, generator=generator).data()
 
 
 def make_model():
