@@ -34,6 +34,7 @@ torch.set_num_threads(1)  # a tiny network: more threads only add overhead
 model = fparams.demo.make_model(seed=0)  # 1-40-40-1 ReLU MLP
 arch, params, _ = fparams.split(model)
 fparams.summary(params)
+plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 
 # %%
@@ -176,8 +177,8 @@ assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
 for name in eager_grads:
     assert torch.allclose(compiled_grads[name], eager_grads[name], atol=1e-5), name
 assert speedup > 0
-# Meta-learning worked as in the demo (README: about 2.7, 0.79 and 0.43 on 2 CPU cores).
-assert 2.0 < scores[0] < 3.5, scores
-assert scores[1] < 0.35 * scores[0] and scores[1] < 0.95, scores
-assert scores[10] < 0.2 * scores[0] and scores[10] < 0.6, scores
+# Meta-learning worked as in the demo: its held-out MSE falls in the ranges that hold on any
+# machine (2.5-3.0 before adaptation, 0.5-0.95 after 1 step, 0.2-0.6 after 10 steps).
+for steps, expected in fparams.demo.EXPECTED.items():
+    assert scores[steps] in expected, (steps, scores[steps], str(expected))
 print("self-check passed")

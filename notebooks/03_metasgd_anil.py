@@ -62,14 +62,23 @@ def train(task_loss, state, desc, iterations=ITERATIONS, meta_lr=3e-3):
         bar.set_postfix(meta_loss=f"{loss.item():.3f}")
 
 
+class Score(float):
+    """A mean over the held-out tasks that carries its standard error, `.sem`."""
+
+    sem = 0.0
+
+
 def held_out_mse(task_loss, state, steps):
-    """Mean query MSE over the 100 held-out tasks after `steps` inner steps."""
+    """Mean query MSE over the 100 held-out tasks after `steps` inner steps (with its standard error)."""
     frozen = detached(state)
     per_task = fparams.map_tasks(lambda s, *task: task_loss(s, *task, steps=steps))(frozen, *held_out)
-    return per_task.mean().item()
+    score = Score(per_task.mean().item())
+    score.sem = (per_task.std() / per_task.numel() ** 0.5).item()
+    return score
 
 
 STEPS = list(range(6))  # inner steps at evaluation
+plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 # %% [markdown]
 # ## MAML, the baseline
@@ -114,12 +123,14 @@ metasgd = {s: held_out_mse(metasgd_loss, state, s) for s in STEPS}
 print(f"Meta-SGD held-out MSE: {metasgd[0]:.3f} before, {metasgd[1]:.3f} after one step")
 
 # %% [markdown]
-# The learned rates, one box per parameter tensor (all started at 0.01). Meta-SGD gives some
-# entries much larger steps than MAML's single rate, and some negative ones.
+# The learned rates, one box per parameter tensor (all started at 0.01): the box holds the middle
+# half of a tensor's rates, the whiskers the 5th to 95th percentiles (the few rates beyond are not
+# drawn, so that they do not squash the boxes). Meta-SGD gives some entries much larger steps than
+# MAML's single rate, and some negative ones.
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.2))
-ax.boxplot([r.detach().flatten() for r in lrs.values()], showfliers=True)
+ax.boxplot([r.detach().flatten() for r in lrs.values()], whis=(5, 95), showfliers=False)
 ax.set_xticks(range(1, len(lrs) + 1), list(lrs))
 ax.axhline(0.01, color="tab:gray", ls="--", lw=1, label="initial rate 0.01 (MAML's)")
 ax.set_xlabel("parameter tensor")
@@ -189,8 +200,9 @@ print(f"ANIL held-out MSE: {anil[0]:.3f} before, {anil[5]:.3f} after five head-o
 # ## MAML vs Meta-SGD vs ANIL
 #
 # Held-out MSE before adaptation and after adapting as each was meta-trained: MAML and Meta-SGD one
-# step, ANIL five head-only steps. Meta-SGD's rates are learned for exactly one step: iterated
-# five times they overshoot (the last line below).
+# step, ANIL five head-only steps; the error bars are the standard error of the mean over the 100
+# tasks. Meta-SGD's rates are learned for exactly one step: iterated five times they overshoot
+# (the last line below).
 
 # %%
 methods = {
@@ -202,9 +214,25 @@ positions = torch.arange(len(methods)).float()
 before = [scores[0] for scores, _ in methods.values()]
 after = [scores[steps] for scores, steps in methods.values()]
 fig, ax = plt.subplots(figsize=(7, 3.5))
-ax.bar(positions - 0.2, before, width=0.4, color="tab:gray", label="before adaptation")
-bars = ax.bar(positions + 0.2, after, width=0.4, color="tab:blue", label="after adaptation")
-ax.bar_label(bars, fmt="%.2f")
+ax.bar(
+    positions - 0.2,
+    before,
+    0.4,
+    yerr=[s.sem for s in before],
+    capsize=4,
+    color="tab:gray",
+    label="before adaptation",
+)
+bars = ax.bar(
+    positions + 0.2,
+    after,
+    0.4,
+    yerr=[s.sem for s in after],
+    capsize=4,
+    color="tab:blue",
+    label="after adaptation (± standard error)",
+)
+ax.bar_label(bars, fmt="%.2f", padding=6)
 ax.set_xticks(positions.tolist(), list(methods))
 ax.set_ylabel("held-out query MSE")
 ax.set_title(f"100 held-out sine tasks, {ITERATIONS} meta-steps each")
