@@ -28,7 +28,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List
 
-import nbformat
+import nbformat as _nbformat
+
+nbformat: Any = _nbformat  # untyped package: its calls are Any, under mypy --strict too
 
 log = logging.getLogger("mkdocs.hooks.notebooks")
 HERE = Path(__file__).resolve().parent
@@ -108,15 +110,15 @@ MathJax.Ajax.loadComplete("[MathJax]/config/local/fparams.js");
 
 
 def on_post_build(config: Any) -> None:
-    try:
-        import jupyter_server_mathjax
-    except ImportError:
+    # Located, not imported: only its files are needed (importing it needs jupyter_server).
+    spec = importlib.util.find_spec("jupyter_server_mathjax")
+    if spec is None or spec.origin is None:
         from mkdocs.exceptions import PluginError
 
         raise PluginError(
             "the notebooks' maths need MathJax from jupyter-server-mathjax: pip install -e '.[docs]'"
-        ) from None
-    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+        )
+    static = Path(spec.origin).parent / "static"
     target = Path(config["site_dir"]) / "assets" / "mathjax"
     unused = shutil.ignore_patterns("png", "*.otf", "*.eot")  # HTML-CSS output reads the woff fonts
     shutil.copytree(static, target, dirs_exist_ok=True, ignore=unused)

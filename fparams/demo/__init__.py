@@ -30,6 +30,8 @@ alone shows progress, evaluates, reports and plots.
 matplotlib and tqdm come with the ``demo`` extra: ``pip install 'fparams[demo]'``.
 """
 
+from typing import TYPE_CHECKING
+
 from fparams.datasets import sine
 
 from ._cli import build_parser, main
@@ -55,6 +57,9 @@ from ._training import (
     sample_tasks,
     shard_meta_grad,
 )
+
+if TYPE_CHECKING:  # at run time, on first use (__getattr__ below)
+    from ._figure import ShownFigure, plot
 
 __all__ = [
     "EVAL_QUERIES",
