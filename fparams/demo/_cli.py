@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=3e-3,
         help="Adam learning rate of the outer loop (default: %(default)s)",
     )
+    _add_run_options(parser)
+    return parser
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The remaining options: first-order MAML, compilation, seed, threads, output."""
     parser.add_argument(
         "--first-order",
         action="store_true",
@@ -111,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="fparams_demo.png",
         help="where to save the plot; its directory must exist (default: %(default)s)",
     )
-    return parser
 
 
 def _check_out(parser: argparse.ArgumentParser, out: str) -> str:
