@@ -116,7 +116,7 @@ def sine(x: Tensor, amplitude: Tensor, phase: Tensor) -> Tensor:
         phase: ``(tasks,)``.
 
     Returns:
-        ``(tasks, points, 1)``: each task's true function at its inputs.
+        Each task's true function at its inputs, ``(tasks, points, 1)``.
 
     Examples:
         >>> import torch
