@@ -48,6 +48,7 @@ import math
 import os
 import sys
 import time
+from typing import Any
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -100,7 +101,9 @@ plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 # %%
 LAM, INNER_LR = 1.0, 0.02
-INNER_OPT = fparams.optim.adam(INNER_LR)  # iMAML's inner solver
+# iMAML's inner solver. Any: implicit.adapt's `lr` annotation does not list optimizers yet (its
+# docstring and code accept them).
+INNER_OPT: Any = fparams.optim.adam(INNER_LR)
 SOLVE = implicit.normal_cg(maxiter=10, strict=False)
 
 
