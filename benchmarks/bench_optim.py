@@ -55,8 +55,8 @@ import torch
 from torch import Tensor, nn
 
 import fparams
+import fparams.datasets
 import fparams.optim
-from fparams.demo import sample_tasks
 
 INNER_STEPS = 5
 INNER_LR = 0.01
@@ -86,8 +86,10 @@ class Batch(NamedTuple):
 
 
 def sine_tasks(num_tasks: int, shots: int, seed: int, dtype: torch.dtype) -> Batch:
-    """fparams.demo's sine tasks, ``shots`` support and ``shots`` query points each."""
-    tasks = sample_tasks(torch.Generator().manual_seed(seed), num_tasks, shots, shots)
+    """fparams.datasets' sine tasks, ``shots`` support and ``shots`` query points each."""
+    tasks = fparams.datasets.sine_tasks(
+        num_tasks, shots, shots, generator=torch.Generator().manual_seed(seed)
+    )
     return Batch(*(t.to(dtype) for t in tasks.data()))
 
 

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fparams
-from fparams.demo import sample_tasks
+import fparams.datasets
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared timing
 from _timing import CLOCKS, time_interleaved  # noqa: E402
@@ -130,9 +130,9 @@ def mlp(width: int) -> nn.Module:
 
 
 def sine_tasks(n: int, support: int, query: int) -> List[Tensor]:
-    """``xs, ys, xq, yq``, each ``(n, points, 1)``: fparams.demo's sine tasks, drawn from torch's seed."""
+    """``xs, ys, xq, yq``, each ``(n, points, 1)``: fparams.datasets' sine tasks, drawn from torch's seed."""
     generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
-    return list(sample_tasks(generator, n, support, query).data())
+    return list(fparams.datasets.sine_tasks(n, support, query, generator=generator).data())
 
 
 def conv4(channels: int, ways: int = WAYS) -> nn.Module:

@@ -6,6 +6,7 @@ dicts; cloning, detaching and updating are pure dict transforms run through
 """
 
 # Submodules with names of their own: fparams.optim.adam, fparams.distributed.shard_tasks.
+from . import datasets as datasets  # --- docs ---: task samplers, fparams.datasets.sine_tasks
 from . import distributed as distributed
 from . import implicit as implicit
 from . import optim as optim

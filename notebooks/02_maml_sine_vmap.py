@@ -27,13 +27,14 @@ from tqdm.auto import tqdm
 
 import fparams
 import fparams.demo
-from fparams.demo import sample_tasks
+from fparams.datasets import sine_tasks
 
 torch.set_num_threads(1)  # a tiny network: more threads only add overhead
 
 model = fparams.demo.make_model(seed=0)  # 1-40-40-1 ReLU MLP
 arch, params, _ = fparams.split(model)
 fparams.summary(params)
+plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 
 # %%
@@ -60,7 +61,7 @@ losses = []
 start = time.perf_counter()
 for iteration in (bar := tqdm(range(1000), desc="meta-training")):
     # Detached: meta_value_and_grad computes the gradient itself, no outer graph is needed.
-    loss, grads = step(fparams.detach(params), *sample_tasks(generator, 25).data())
+    loss, grads = step(fparams.detach(params), *sine_tasks(25, generator=generator).data())
     for name, p in params.items():
         p.grad = grads[name]
     opt.step()
@@ -89,7 +90,7 @@ plt.show()
 # the ones `python -m fparams.demo` prints on the same machine.
 
 # %%
-held_out = sample_tasks(torch.Generator().manual_seed(1234), 100, queries=100)
+held_out = sine_tasks(100, queries=100, generator=torch.Generator().manual_seed(1234))
 inner_steps = list(range(11))
 scores = fparams.demo.evaluate(arch, params, held_out, lr=0.01, steps=inner_steps)
 for s in (0, 1, 10):
@@ -135,7 +136,7 @@ def small_task_loss(p, xs, ys, xq, yq):
     return small_mse(fparams.adapt(small_mse, p, xs, ys, lr=0.01), xq, yq)
 
 
-batch = sample_tasks(torch.Generator().manual_seed(0), 25).data()
+batch = sine_tasks(25, generator=torch.Generator().manual_seed(0)).data()
 eager_step = fparams.meta_value_and_grad(small_task_loss)
 compiled_step = fparams.meta_value_and_grad(small_task_loss, compile=True)
 
@@ -176,8 +177,8 @@ assert torch.allclose(compiled_loss, eager_loss, atol=1e-5)
 for name in eager_grads:
     assert torch.allclose(compiled_grads[name], eager_grads[name], atol=1e-5), name
 assert speedup > 0
-# Meta-learning worked as in the demo (README: about 2.7, 0.79 and 0.43 on 2 CPU cores).
-assert 2.0 < scores[0] < 3.5, scores
-assert scores[1] < 0.35 * scores[0] and scores[1] < 0.95, scores
-assert scores[10] < 0.2 * scores[0] and scores[10] < 0.6, scores
+# Meta-learning worked as in the demo: its held-out MSE falls in the ranges that hold on any
+# machine (2.5-3.0 before adaptation, 0.5-0.95 after 1 step, 0.2-0.6 after 10 steps).
+for steps, expected in fparams.demo.EXPECTED.items():
+    assert scores[steps] in expected, (steps, scores[steps], str(expected))
 print("self-check passed")

@@ -12,7 +12,7 @@
 #   `filter="head.*"` (a glob, a regex, a list of them or a predicate); the body stays as it is in
 #   the inner loop and still gets outer gradients.
 #
-# All three are trained here on the sine tasks of `fparams.demo` with the same budget, then compared.
+# All three are trained here on the sine tasks of `fparams.datasets` with the same budget, then compared.
 
 # %%
 from collections import OrderedDict
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 import fparams
-from fparams.demo import sample_tasks
+from fparams.datasets import sine_tasks
 
 torch.set_num_threads(1)  # a tiny network: more threads only add overhead
 ITERATIONS = 500
@@ -36,7 +36,7 @@ def make_model(seed=0):
     return torch.nn.Sequential(OrderedDict(body=body, head=torch.nn.Linear(40, 1)))
 
 
-held_out = sample_tasks(torch.Generator().manual_seed(1234), 100, queries=100).data()
+held_out = sine_tasks(100, queries=100, generator=torch.Generator().manual_seed(1234)).data()
 
 
 def leaves(tree):
@@ -55,21 +55,30 @@ def train(task_loss, state, desc, iterations=ITERATIONS, meta_lr=3e-3):
     step = fparams.meta_value_and_grad(task_loss)
     generator = torch.Generator().manual_seed(0)
     for _ in (bar := tqdm(range(iterations), desc=desc)):
-        loss, grads = step(detached(state), *sample_tasks(generator, 25).data())
+        loss, grads = step(detached(state), *sine_tasks(25, generator=generator).data())
         for p, g in zip(leaves(state), leaves(grads)):
             p.grad = g
         opt.step()
         bar.set_postfix(meta_loss=f"{loss.item():.3f}")
 
 
+class Score(float):
+    """A mean over the held-out tasks that carries its standard error, `.sem`."""
+
+    sem = 0.0
+
+
 def held_out_mse(task_loss, state, steps):
-    """Mean query MSE over the 100 held-out tasks after `steps` inner steps."""
+    """Mean query MSE over the 100 held-out tasks after `steps` inner steps (with its standard error)."""
     frozen = detached(state)
     per_task = fparams.map_tasks(lambda s, *task: task_loss(s, *task, steps=steps))(frozen, *held_out)
-    return per_task.mean().item()
+    score = Score(per_task.mean().item())
+    score.sem = (per_task.std() / per_task.numel() ** 0.5).item()
+    return score
 
 
 STEPS = list(range(6))  # inner steps at evaluation
+plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 # %% [markdown]
 # ## MAML, the baseline
@@ -114,12 +123,14 @@ metasgd = {s: held_out_mse(metasgd_loss, state, s) for s in STEPS}
 print(f"Meta-SGD held-out MSE: {metasgd[0]:.3f} before, {metasgd[1]:.3f} after one step")
 
 # %% [markdown]
-# The learned rates, one box per parameter tensor (all started at 0.01). Meta-SGD gives some
-# entries much larger steps than MAML's single rate, and some negative ones.
+# The learned rates, one box per parameter tensor (all started at 0.01): the box holds the middle
+# half of a tensor's rates, the whiskers the 5th to 95th percentiles (the few rates beyond are not
+# drawn, so that they do not squash the boxes). Meta-SGD gives some entries much larger steps than
+# MAML's single rate, and some negative ones.
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.2))
-ax.boxplot([r.detach().flatten() for r in lrs.values()], showfliers=True)
+ax.boxplot([r.detach().flatten() for r in lrs.values()], whis=(5, 95), showfliers=False)
 ax.set_xticks(range(1, len(lrs) + 1), list(lrs))
 ax.axhline(0.01, color="tab:gray", ls="--", lw=1, label="initial rate 0.01 (MAML's)")
 ax.set_xlabel("parameter tensor")
@@ -189,8 +200,9 @@ print(f"ANIL held-out MSE: {anil[0]:.3f} before, {anil[5]:.3f} after five head-o
 # ## MAML vs Meta-SGD vs ANIL
 #
 # Held-out MSE before adaptation and after adapting as each was meta-trained: MAML and Meta-SGD one
-# step, ANIL five head-only steps. Meta-SGD's rates are learned for exactly one step: iterated
-# five times they overshoot (the last line below).
+# step, ANIL five head-only steps; the error bars are the standard error of the mean over the 100
+# tasks. Meta-SGD's rates are learned for exactly one step: iterated five times they overshoot
+# (the last line below).
 
 # %%
 methods = {
@@ -202,9 +214,25 @@ positions = torch.arange(len(methods)).float()
 before = [scores[0] for scores, _ in methods.values()]
 after = [scores[steps] for scores, steps in methods.values()]
 fig, ax = plt.subplots(figsize=(7, 3.5))
-ax.bar(positions - 0.2, before, width=0.4, color="tab:gray", label="before adaptation")
-bars = ax.bar(positions + 0.2, after, width=0.4, color="tab:blue", label="after adaptation")
-ax.bar_label(bars, fmt="%.2f")
+ax.bar(
+    positions - 0.2,
+    before,
+    0.4,
+    yerr=[s.sem for s in before],
+    capsize=4,
+    color="tab:gray",
+    label="before adaptation",
+)
+bars = ax.bar(
+    positions + 0.2,
+    after,
+    0.4,
+    yerr=[s.sem for s in after],
+    capsize=4,
+    color="tab:blue",
+    label="after adaptation (± standard error)",
+)
+ax.bar_label(bars, fmt="%.2f", padding=6)
 ax.set_xticks(positions.tolist(), list(methods))
 ax.set_ylabel("held-out query MSE")
 ax.set_title(f"100 held-out sine tasks, {ITERATIONS} meta-steps each")

@@ -48,6 +48,7 @@ closed_forms_hold = torch.allclose(torch.func.grad(exact)(theta0), true_grad) an
     torch.func.hessian(exact)(theta0), true_hess
 )
 print("closed forms match autograd:", closed_forms_hold)
+plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 
 # %%

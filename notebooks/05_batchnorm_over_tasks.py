@@ -48,6 +48,7 @@ def task_loss(p, xs, ys, xq, yq):
 tasks = 4
 xs, xq = (torch.randn(tasks, 10, 1, dtype=torch.float64) for _ in range(2))
 ys, yq = torch.sin(xs), torch.sin(xq)
+plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 # %% [markdown]
 # ## Three meta-gradients of the mean query loss
@@ -116,6 +117,7 @@ positions = torch.arange(len(names)).float()
 fig, ax = plt.subplots(figsize=(8, 3.5))
 ax.bar(positions - 0.2, raw_by_name, width=0.4, color="tab:red", label="raw torch.func vmap")
 ax.bar(positions + 0.2, ours_by_name, width=0.4, color="tab:green", label="fparams.meta_value_and_grad")
+ax.axhline(1e-9, color="tab:gray", ls="--", lw=1, label="accuracy of the finite-difference reference")
 ax.set_yscale("log")
 ax.set_xticks(positions.tolist(), names)
 ax.set_xlabel("parameter tensor")

@@ -52,12 +52,14 @@ from torch import nn
 import fparams
 
 torch.set_num_threads(1)
+plt.rcParams["figure.dpi"] = 150  # sharp figures on the site and in Jupyter
 
 # %% [markdown]
 # ## Measuring a meta-step's peak memory
 #
-# The peak is the resident-set high-water mark (`VmHWM`, Linux) of a fresh
-# interpreter after one meta-step, minus the mark before it. glibc's allocator
+# The peak is the resident-set high-water mark of a fresh interpreter after one
+# meta-step, minus the mark before it: `VmHWM` on Linux, `ru_maxrss` on macOS,
+# the peak working set on Windows (with `pip install psutil`). glibc's allocator
 # normally keeps freed blocks of a few MiB in its heap, where the process's
 # resident memory stays high after tensors are freed; setting
 # `MALLOC_MMAP_THRESHOLD_` gives every large tensor its own mapping, returned
@@ -72,10 +74,21 @@ STEP = textwrap.dedent(
     from torch import nn
     import fparams
 
-    def peak():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+    def peak():  # MiB: Linux's VmHWM, else the OS's peak resident set of this fresh process
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        try:
+            import resource  # macOS: bytes; other Unixes: KiB
+
+            unit = 2**20 if sys.platform == "darwin" else 2**10
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
+        except ImportError:  # Windows: psutil's peak working set
+            import psutil
+            return psutil.Process().memory_info().peak_wset / 2**20
 
     how, steps, tasks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)
@@ -113,7 +126,10 @@ def peak_mib(how: str, steps: int, tasks: int = 1) -> float:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
         [sys.executable, "-c", STEP, how, str(steps), str(tasks)],
-        capture_output=True, text=True, env=env, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -14,10 +14,13 @@ import torch
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
+import fparams  # noqa: E402
 from fparams import demo  # noqa: E402
 
 TINY = ["--iterations", "3", "--tasks", "4"]
-NUMBERS = re.compile(r"^\s+(before adaptation|after 1 step|after 10 steps):\s+([0-9.]+)$", re.M)
+NUMBERS = re.compile(
+    r"^\s+(before adaptation|after 1 step|after 10 steps):\s+([0-9.]+)(?:\s+\(expected .*\))?$", re.M
+)
 
 
 def run_demo(capsys: pytest.CaptureFixture[str], argv: List[str]) -> Dict[str, float]:
@@ -81,13 +84,13 @@ def test_compile_reaches_meta_value_and_grad(
 ) -> None:
     # Compiling this step is too slow for the fast tests; notebook 02 runs a compiled step for real.
     seen = []
-    real = demo.fparams.meta_value_and_grad
+    real = fparams.meta_value_and_grad
 
     def spy(task_fn: Any, **kwargs: Any) -> Any:
         seen.append(kwargs.get("compile"))
         return real(task_fn, **{**kwargs, "compile": False})
 
-    monkeypatch.setattr(demo.fparams, "meta_value_and_grad", spy)
+    monkeypatch.setattr(fparams, "meta_value_and_grad", spy)
     run_demo(capsys, TINY + ["--compile", "--out", str(tmp_path / "a.png")])
     run_demo(capsys, TINY + ["--out", str(tmp_path / "b.png")])
     assert seen == [True, False]
@@ -102,7 +105,7 @@ def test_leaves_the_thread_count_as_it_was(capsys: pytest.CaptureFixture[str], t
 def test_meta_training_lowers_the_adapted_loss() -> None:
     """The pieces a multi-process driver reuses: sample, meta_step, evaluate."""
     model = demo.make_model(0)
-    arch, params, _ = demo.fparams.split(model)
+    arch, params, _ = fparams.split(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     meta_grad = demo.make_meta_grad(arch, lr=0.01, steps=1)
     generator = torch.Generator().manual_seed(0)
@@ -112,6 +115,52 @@ def test_meta_training_lowers_the_adapted_loss() -> None:
         demo.meta_step(meta_grad, params, optimizer, demo.sample_tasks(generator, 10))
     after = demo.evaluate(arch, params, held_out, lr=0.01, steps=(1,))[1]
     assert after < 0.85 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_default_run_falls_in_the_published_ranges() -> None:
+    """The numbers README, notebook 02, the docs and --help quote: the default run, on this machine."""
+    result = demo.run(progress=False)
+    for steps, expected in demo.EXPECTED.items():
+        assert result.scores[steps] in expected, (steps, result.scores[steps], str(expected))
+
+
+def test_the_ranges_are_quoted_everywhere_alike() -> None:
+    root = Path(__file__).resolve().parent.parent
+    ranges = [str(demo.EXPECTED[s]) for s in (0, 1, 10)]
+    texts = {
+        "--help": demo.build_parser().format_help().replace("\n", " "),
+        "notebooks/02_maml_sine_vmap.py": (root / "notebooks" / "02_maml_sine_vmap.py").read_text(),
+        "docs/index.md": (root / "docs" / "index.md").read_text(),
+        "docs/README-draft.md": (root / "docs" / "README-draft.md").read_text(),
+    }
+    for where, text in texts.items():
+        for quoted in ranges:
+            assert quoted in " ".join(text.split()), f"{where} does not quote the demo's range {quoted}"
+
+
+def test_result_repr_is_one_short_line_and_the_figure_class_is_shared() -> None:
+    first = demo.run(iterations=2, tasks=3, progress=False)
+    second = demo.run(iterations=2, tasks=3, progress=False)
+    text = repr(first)
+    assert "\n" not in text and len(text) < 160, text
+    assert text.startswith("DemoResult(scores={0: ") and "iterations=2" in text
+    assert type(first.figure) is type(second.figure) is demo.ShownFigure
+    # the legend sits outside the panels: no axes holds one that could cover a curve
+    assert first.figure is not None and all(ax.get_legend() is None for ax in first.figure.axes)
+    assert first.figure.legends
+
+
+def test_the_expected_hint_is_printed_only_for_the_default_training(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_demo(capsys, TINY + ["--out", str(tmp_path / "a.png")])
+    assert "expected" not in capsys.readouterr().out
+    fake = demo.DemoResult({0: 2.7, 1: 0.8, 10: 0.4}, None, [1.0], None, {}, 1.0)  # type: ignore[arg-type]
+    monkeypatch.setattr(demo._cli, "run", lambda **kwargs: fake)
+    assert demo.main(["--out", str(tmp_path / "b.png")]) == 0
+    printed = capsys.readouterr().out
+    assert f"(expected {demo.EXPECTED[0]})" in printed and f"(expected {demo.EXPECTED[10]})" in printed
 
 
 def test_sample_tasks_shapes_and_ranges() -> None:
