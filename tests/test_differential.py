@@ -27,6 +27,7 @@ hypothesis rejects exactly those draws, and a plain test reproducing each
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -95,7 +96,7 @@ def reject_known(key: Optional[str]) -> None:
 # --------------------------------------------------------------------------
 
 ROUTES = ("map:vmap", "map:loop", "map:chunked", "map:auto", "map:tasks", "mvg:vmap", "mvg:loop",
-          "mvg:chunked", "mvg:auto", "mvg:tasks")  # fmt: skip
+          "mvg:chunked", "mvg:auto", "mvg:tasks", "func:vmap", "func:loop", "func:auto")  # fmt: skip
 
 
 @dataclass
@@ -154,8 +155,21 @@ def make_data(case: Case) -> Data:
     return Data(family, [rows(n) for n in case.shots], [rows(case.queries) for _ in case.shots])
 
 
-def adapted_names(case: Case, names: Sequence[str]) -> List[str]:
-    return [k for k in names if case.filter is None or k.startswith(case.filter.rstrip("*"))]
+#: ``filter=`` forms fparams accepts (a glob, a regex, a list, a predicate), by name, and the
+#: reference's own reading of each (plain string tests on the dotted names).
+FILTERS: Dict[str, Tuple[Any, Callable[[str, Tensor], bool]]] = {
+    "glob": ("head.*", lambda k, t: k.startswith("head.")),
+    "regex": (re.compile(r"^body\."), lambda k, t: k.startswith("body.")),
+    "list": (["head.weight", "body.*"], lambda k, t: k == "head.weight" or k.startswith("body.")),
+    "predicate": (lambda k, t: t.dim() > 1, lambda k, t: t.dim() > 1),
+}
+FILTER_NAMES = [None, *FILTERS]
+
+
+def adapted_names(case: Case, params: Dict[str, Tensor]) -> List[str]:
+    if case.filter is None:
+        return list(params)
+    return [k for k, t in params.items() if FILTERS[case.filter][1](k, t)]
 
 
 def make_meta(case: Case, net: Dict[str, Tensor], g: torch.Generator) -> Dict[str, Any]:
@@ -166,7 +180,7 @@ def make_meta(case: Case, net: Dict[str, Tensor], g: torch.Generator) -> Dict[st
     elif case.lr == "per_step":  # learned tensors on even steps, numbers on odd ones
         meta["lr"] = [torch.tensor(0.03 + 0.02 * i, dtype=torch.float64) for i in range(0, case.steps, 2)]
     elif case.lr == "meta_sgd":
-        names = adapted_names(case, list(net))
+        names = adapted_names(case, net)
         meta["lr"] = {k: 0.02 + 0.1 * torch.rand(net[k].shape, generator=g, dtype=torch.float64) for k in names}
     return meta
 
@@ -220,7 +234,7 @@ def reference_rule(case: Case, meta: Dict[str, Any], names: List[str]) -> Callab
 def reference(case: Case, data: Data, meta0: Dict[str, Any]) -> Tuple[Tensor, List[Dict[str, Tensor]], List[Tensor]]:
     """Per-task query losses, adapted params and the meta-gradient of the mean query loss."""
     meta = _fresh(meta0)
-    fam, names = data.family, adapted_names(case, list(meta["net"]))
+    fam, names = data.family, adapted_names(case, meta["net"])
     rule = reference_rule(case, meta, names)
     losses, fasts = [], []
     for (xs, ys), (xq, yq) in zip(data.support, data.query):
@@ -275,7 +289,8 @@ def task_fn(case: Case, arch: fparams.Architecture) -> Callable[..., Any]:
     def task(meta: Dict[str, Any], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Any:
         fast = fparams.adapt(
             loss, meta["net"], xs, ys, lr=inner_lr(case, meta), steps=case.steps,
-            first_order=case.first_order, filter=case.filter, checkpoint=case.checkpoint,
+            first_order=case.first_order, filter=None if case.filter is None else FILTERS[case.filter][0],
+            checkpoint=case.checkpoint,
         )  # fmt: skip
         return loss(fast, xq, yq), fast
 
@@ -302,6 +317,14 @@ def run_fparams(case: Case, data: Data, meta0: Dict[str, Any], task: Optional[Ca
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves(meta)]
         return losses.detach(), fast, grads
     meta = _fresh(meta0, requires_grad=False)
+    if kind == "func":  # an outer torch.func.grad over map_tasks
+
+        def objective(m: Dict[str, Any]) -> Any:
+            losses, fast = fparams.map_tasks(task, **options)(m, *batches, tasks=listed)
+            return losses.mean(), (losses.detach(), fast)
+
+        tree, (losses, fast) = torch.func.grad(objective, has_aux=True)(meta)
+        return losses, fast, leaves(tree)
     (loss, (losses, fast)), tree = fparams.meta_value_and_grad(_with_aux(task), has_aux=True, **options)(
         meta, *batches, tasks=listed
     )
@@ -366,9 +389,9 @@ def check(case: Case, known: bool = True) -> None:
 def test_inner_loop_options_match_plain_autograd(case: Case, data: Any) -> None:
     case.steps = data.draw(st.integers(0, 3), "steps")
     case.first_order = data.draw(st.booleans(), "first_order")
-    case.filter = data.draw(st.sampled_from([None, "head.*"]), "filter")
+    case.filter = data.draw(st.sampled_from(FILTER_NAMES), "filter")
     case.lr = data.draw(st.sampled_from(["float", "tensor", "per_step", "meta_sgd"]), "lr")
-    case.checkpoint = data.draw(st.booleans(), "checkpoint")
+    case.checkpoint = data.draw(st.booleans(), "checkpoint") and not case.route.startswith("func")
     check(case)
 
 
@@ -400,9 +423,82 @@ def test_optimizers_match_torch_optim_formulas(case: Case, data: Any) -> None:
         case.hyper["nesterov"] = data.draw(st.booleans(), "nesterov") and not case.hyper["dampening"]
     case.steps = data.draw(st.integers(1, 3), "steps")
     case.first_order = data.draw(st.booleans(), "first_order")
-    case.filter = data.draw(st.sampled_from([None, "head.*"]), "filter")
-    case.checkpoint = data.draw(st.booleans(), "checkpoint")
+    case.filter = data.draw(st.sampled_from(FILTER_NAMES), "filter")
+    case.checkpoint = data.draw(st.booleans(), "checkpoint") and not case.route.startswith("func")
     check(case)
+
+
+# --------------------------------------------------------------------------
+# Per-task running statistics: train-mode BatchNorm with stack_tasks and buffers=
+# --------------------------------------------------------------------------
+
+SIZES["running"] = (6, 150)
+MOMENTUM = 0.1  # BatchNorm1d's default
+
+
+def running_reference(case: Case, d: Data, meta: Dict[str, Any]) -> Tuple[Tensor, List[Tensor], List[Tensor], List[Tensor]]:
+    """Losses, meta-gradient, and each task's running mean and variance after its calls.
+
+    Every call of the net in train mode normalises with the batch's statistics and
+    moves the running ones by MOMENTUM towards them (the variance unbiased):
+    one call per inner step on the support set, one on the query set.
+    """
+    fam, leaves_ = d.family, _fresh(meta)["net"]
+    losses, means, variances = [], [], []
+    for (xs, ys), (xq, yq) in zip(d.support, d.query):
+        stats = [fam.buffers["norm.running_mean"], fam.buffers["norm.running_var"]]
+
+        def called(p: Dict[str, Tensor], x: Tensor, stats: List[Tensor] = stats) -> Tensor:
+            h = (x @ p["body.weight"].t() + p["body.bias"]).detach()
+            stats[0] = (1 - MOMENTUM) * stats[0] + MOMENTUM * h.mean(0)
+            stats[1] = (1 - MOMENTUM) * stats[1] + MOMENTUM * h.var(0, unbiased=True)
+            return fam.forward(p, fam.buffers, x)
+
+        fast = leaves_
+        for _ in range(case.steps):
+            grads = torch.autograd.grad(dm.mse(called(fast, xs), ys), list(fast.values()), create_graph=True)
+            fast = {k: t - 0.1 * g for (k, t), g in zip(fast.items(), grads)}
+        losses.append(dm.mse(called(fast, xq), yq))
+        means.append(stats[0])
+        variances.append(stats[1])
+    stacked = torch.stack(losses)
+    grads = torch.autograd.grad(stacked.mean(), list(leaves_.values()))
+    return stacked.detach(), list(grads), means, variances
+
+
+@examples("running")
+@given(case=cases(("batchnorm",), routes=("map:vmap", "map:loop", "map:chunked", "map:auto")), data=st.data())
+def test_per_task_running_statistics_match_plain_updates(case: Case, data: Any) -> None:
+    case.steps = data.draw(st.integers(0, 3), "steps")
+    case.checkpoint = data.draw(st.booleans(), "checkpoint")
+    note(repr(case))
+    d = make_data(case)
+    arch = fparams.split(d.family.module)[0]
+    meta = {"net": {k: t.detach().clone() for k, t in d.family.module.named_parameters()}}
+
+    def loss(p: Dict[str, Tensor], x: Tensor, y: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
+        return dm.mse(arch(p, x, buffers=buffers), y)
+
+    def task(m: Dict[str, Any], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, b: Dict[str, Tensor]) -> Any:
+        fast = fparams.adapt(loss, m["net"], xs, ys, lr=0.1, steps=case.steps, buffers=b, checkpoint=case.checkpoint)
+        return loss(fast, xq, yq, b), b
+
+    batches = tuple(torch.stack(c) for c in zip(*[(*s, *q) for s, q in zip(d.support, d.query)]))
+    per_task = fparams.stack_tasks(dict(d.family.module.named_buffers()), case.tasks)
+    options: Dict[str, Any] = {"strategy": case.strategy}
+    if case.strategy == "chunked":
+        options["chunk_size"] = 2
+    fresh = _fresh(meta)
+    losses, b = fparams.map_tasks(task, **options)(fresh, *batches, per_task)
+    losses.mean().backward()
+    want_losses, want_grads, means, variances = running_reference(case, d, meta)
+    torch.testing.assert_close(losses.detach(), want_losses, **TOL)
+    torch.testing.assert_close(b["norm.running_mean"], torch.stack(means), **TOL)
+    torch.testing.assert_close(b["norm.running_var"], torch.stack(variances), **TOL)
+    assert b["norm.num_batches_tracked"].tolist() == [case.steps + 1] * case.tasks
+    for (k, t), w in zip(fresh["net"].items(), want_grads):
+        torch.testing.assert_close(t.grad, w, **TOL, msg=lambda m, k=k: f"meta-gradient of {k}: {m}")
+    buffers_unchanged(d)
 
 
 # --------------------------------------------------------------------------
