@@ -429,6 +429,54 @@ def test_optimizers_match_torch_optim_formulas(case: Case, data: Any) -> None:
 
 
 # --------------------------------------------------------------------------
+# learn2learn's classes: MAML and MetaSGD, one clone per task
+# --------------------------------------------------------------------------
+
+SIZES["classes"] = (10, 200)
+CLASS_KINDS = ("maml", "maml-tensor", "maml-sgd", "maml-adam", "metasgd")
+
+
+def learner_for(kind: str, case: Case, net: torch.nn.Module, meta: Dict[str, Any]) -> Any:
+    """The class under test, holding ``net`` (whose parameters are the meta leaves) and ``meta``'s rates."""
+    if kind == "metasgd":
+        return fparams.MetaSGD(net, lrs=[meta["lr"][k] for k, _ in net.named_parameters()], first_order=case.first_order)
+    return fparams.MAML(net, lr=inner_lr(case, meta), first_order=case.first_order)
+
+
+@examples("classes")
+@given(case=cases(routes=("map:loop",)), data=st.data())
+def test_learn2learn_classes_match_plain_autograd(case: Case, data: Any) -> None:
+    kind = data.draw(st.sampled_from(CLASS_KINDS), "kind")
+    case.steps = data.draw(st.integers(0, 3), "steps")
+    case.first_order = data.draw(st.booleans(), "first_order")
+    case.lr = {"maml": "float", "maml-tensor": "tensor", "metasgd": "meta_sgd"}.get(kind, kind[5:])
+    if case.lr == "adam" and case.family not in SMOOTH_FAMILIES:
+        case.lr = "sgd"  # see SMOOTH_FAMILIES
+    if case.lr in OPTIMIZERS:
+        case.hyper = data.draw(OPTIMIZERS[case.lr], "hyper")
+    note(f"{kind}: {case!r}")
+    reject_known(classify(case))
+    d = make_data(case)
+    net = d.family.module
+    meta0 = make_meta(case, dict(net.named_parameters()), torch.Generator().manual_seed(case.seed))
+    want_losses, _, want_grads = reference(case, d, meta0)
+    meta = _fresh(meta0)
+    meta["net"] = dict(net.named_parameters())  # the module's own leaves receive the meta-gradient
+    algo = learner_for(kind, case, net, meta)
+    losses = []
+    for (xs, ys), (xq, yq) in zip(d.support, d.query):
+        learner = algo.clone()
+        for _ in range(case.steps):
+            learner.adapt(dm.mse(learner(xs), ys))
+        losses.append(dm.mse(learner(xq), yq))
+    torch.stack(losses).mean().backward()
+    torch.testing.assert_close(torch.stack(losses).detach(), want_losses, **TOL)
+    for name, t, w in zip(leaf_names(meta), leaves(meta), want_grads):
+        got = torch.zeros_like(t) if t.grad is None else t.grad
+        torch.testing.assert_close(got, w, **TOL, msg=lambda m, name=name: f"meta-gradient of {name}: {m}")
+
+
+# --------------------------------------------------------------------------
 # Per-task running statistics: train-mode BatchNorm with stack_tasks and buffers=
 # --------------------------------------------------------------------------
 
