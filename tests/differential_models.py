@@ -24,7 +24,17 @@ Tensors = Dict[str, Tensor]
 Forward = Callable[[Tensors, Tensors, Tensor], Tensor]
 
 #: Families whose normalization shares no statistics between rows (safe for adaptive optimizers).
-FAMILIES = ("mlp", "conv", "batchnorm", "batchnorm_eval", "layernorm", "groupnorm", "gru", "attention", "tied")
+FAMILIES = (
+    "mlp",
+    "conv",
+    "batchnorm",
+    "batchnorm_eval",
+    "layernorm",
+    "groupnorm",
+    "gru",
+    "attention",
+    "tied",
+)
 #: Families torch's vmap cannot run (no batching rule): only the loop and "auto" apply.
 LOOP_ONLY = frozenset({"gru"})
 #: Families whose loss depends on the batch's statistics (rows are not independent).
@@ -48,13 +58,18 @@ class Family:
 class _Net(nn.Module):
     """body -> (norm) -> tanh -> head: the shape every family shares."""
 
-    def __init__(self, body: nn.Module, head: nn.Module, norm: Optional[nn.Module] = None, kind: str = "") -> None:
+    def __init__(
+        self, body: nn.Module, head: nn.Module, norm: Optional[nn.Module] = None, kind: str = ""
+    ) -> None:
         super().__init__()
         self.body = body
         if norm is not None:
             self.norm = norm
         self.head = head
         self.kind = kind
+        if kind == "tied":  # registered after body: the shared weight is named body.weight
+            self.twin = nn.Linear(body.in_features, body.out_features)  # type: ignore[arg-type]
+            self.body.weight = self.twin.weight
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "gru":
@@ -64,12 +79,13 @@ class _Net(nn.Module):
         elif self.kind == "conv":
             h = self.body(x).flatten(1)
         elif self.kind == "tied":
-            h = self.body(torch.tanh(self.twin(x)))
+            h = self.body(torch.tanh(self.twin(x)))  # the same weight twice
         else:
             h = self.body(x)
         if hasattr(self, "norm"):
             h = self.norm(h)
-        return self.head(torch.tanh(h))
+        out: Tensor = self.head(torch.tanh(h))
+        return out
 
 
 def _linear(p: Tensors, name: str, x: Tensor) -> Tensor:
@@ -173,20 +189,16 @@ def build(name: str, width: int, seed: int) -> Family:
     elif name == "tied":
         body, kind, forward = nn.Linear(width, width), "tied", _tied
         row = (width,)
-    net = _Net(body, nn.Linear(head_in, 1), norm, kind)
-    if name == "tied":
-        net.twin = nn.Linear(width, width)
-        net.body.weight = net.twin.weight
-    net = net.double()
+    net = _Net(body, nn.Linear(head_in, 1), norm, kind).double()
     with torch.no_grad():  # non-trivial affine and running statistics, so that every term matters
         for n_, t in net.named_parameters():
             if n_.startswith("norm."):
                 t.copy_(torch.rand_like(t) + 0.5 if n_.endswith("weight") else torch.randn_like(t) * 0.3)
-        for n_, t in net.named_buffers():
+        for n_, b in net.named_buffers():
             if n_.endswith("running_var"):
-                t.copy_(torch.rand_like(t) + 0.5)
+                b.copy_(torch.rand_like(b) + 0.5)
             elif n_.endswith("running_mean"):
-                t.copy_(torch.randn_like(t) * 0.3)
+                b.copy_(torch.randn_like(b) * 0.3)
     net.train(name != "batchnorm_eval")
     buffers = {k: t.detach().clone() for k, t in net.named_buffers() if t.is_floating_point()}
     return Family(name, net, forward, row, buffers)
@@ -305,7 +317,7 @@ def implicit_reference(
         parts = torch.split(v, [math.prod(s) for s in shapes])
         return {k: t.reshape(s) for k, t, s in zip(names, parts, shapes)}
 
-    hess = torch.autograd.functional.hessian(lambda v: loss(unflat(v)), flat)
+    hess = torch.autograd.functional.hessian(lambda v: loss(unflat(v)), flat)  # type: ignore[no-untyped-call]
     at = {k: t.requires_grad_() for k, t in unflat(flat.clone()).items()}
     q = query(at)
     gq = torch.cat([g.reshape(-1) for g in torch.autograd.grad(q, [at[k] for k in names])])
