@@ -244,6 +244,14 @@ def inner_loop(
     return fast
 
 
+def safe_sqrt(v: Tensor) -> Tensor:
+    """``sqrt(v)`` whose gradient is 0 where ``v`` is 0 (fparams.optim's documented rule), not inf."""
+    positive = v > 0
+    return torch.where(
+        positive, torch.sqrt(torch.where(positive, v, torch.ones_like(v))), torch.zeros_like(v)
+    )
+
+
 def optimizer_rule(kind: str, hyper: Dict[str, float]) -> Callable[[int, Tensors, Tensors, Tensors], Tensors]:
     """torch.optim's documented update for ``kind`` (sgd, adam, adamw, rmsprop), state in ``state``."""
     lr = hyper["lr"]
@@ -270,7 +278,7 @@ def optimizer_rule(kind: str, hyper: Dict[str, float]) -> Callable[[int, Tensors
                 state["m." + k], state["v." + k] = m, v
                 base = p[k] * (1 - lr * wd) if kind == "adamw" else p[k]
                 m_hat, v_hat = m / (1 - b1**t), v / (1 - b2**t)
-                out[k] = base - lr * m_hat / (torch.sqrt(v_hat) + hyper["eps"])
+                out[k] = base - lr * m_hat / (safe_sqrt(v_hat) + hyper["eps"])
             else:  # rmsprop
                 a = hyper["alpha"]
                 v = a * state.get("v." + k, torch.zeros_like(grad)) + (1 - a) * grad * grad
@@ -279,7 +287,7 @@ def optimizer_rule(kind: str, hyper: Dict[str, float]) -> Callable[[int, Tensors
                     ga = a * state.get("g." + k, torch.zeros_like(grad)) + (1 - a) * grad
                     state["g." + k] = ga
                     v = v - ga * ga
-                d = grad / (torch.sqrt(v) + hyper["eps"])
+                d = grad / (safe_sqrt(v) + hyper["eps"])
                 if hyper["momentum"]:
                     d = hyper["momentum"] * state.get("b." + k, torch.zeros_like(grad)) + d
                     state["b." + k] = d
