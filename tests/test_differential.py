@@ -629,7 +629,7 @@ def masked_loss(arch: fparams.Architecture) -> Callable[..., Tensor]:
     def loss(p: Dict[str, Tensor], x: Tensor, y: Tensor, *mask: Tensor) -> Tensor:
         if not mask:
             return dm.mse(arch(p, x), y)
-        rows = ((arch(p, x) - y) ** 2).mean(-1) * mask[0]  # padded rows count for nothing
+        rows: Tensor = ((arch(p, x) - y) ** 2).mean(-1) * mask[0]  # padded rows count for nothing
         return rows.sum() / mask[0].sum()
 
     return loss
