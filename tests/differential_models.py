@@ -23,7 +23,7 @@ from torch import Tensor, nn
 Tensors = Dict[str, Tensor]
 Forward = Callable[[Tensors, Tensors, Tensor], Tensor]
 
-#: Families whose normalization shares no statistics between rows (safe for adaptive optimizers).
+#: The model families, each a small float64 net: body -> (norm) -> tanh -> head.
 FAMILIES = (
     "mlp",
     "conv",
@@ -34,11 +34,16 @@ FAMILIES = (
     "gru",
     "attention",
     "tied",
+    "conv_batchnorm",
+    "instancenorm",
+    "rmsnorm",
 )
 #: Families torch's vmap cannot run (no batching rule): only the loop and "auto" apply.
 LOOP_ONLY = frozenset({"gru"})
 #: Families whose loss depends on the batch's statistics (rows are not independent).
-BATCH_STATS = frozenset({"batchnorm"})
+BATCH_STATS = frozenset({"batchnorm", "conv_batchnorm"})
+#: Families with a bias that normalization cancels (its gradient is rounding noise).
+CANCELLED_BIAS = frozenset({"batchnorm", "batchnorm_eval", "conv_batchnorm", "instancenorm"})
 
 
 @dataclass
@@ -76,15 +81,13 @@ class _Net(nn.Module):
             h = self.body(x)[0][:, -1]
         elif self.kind == "attention":
             h = self.body(x, x, x, need_weights=False)[0].mean(1)
-        elif self.kind == "conv":
-            h = self.body(x).flatten(1)
         elif self.kind == "tied":
             h = self.body(torch.tanh(self.twin(x)))  # the same weight twice
         else:
             h = self.body(x)
         if hasattr(self, "norm"):
             h = self.norm(h)
-        out: Tensor = self.head(torch.tanh(h))
+        out: Tensor = self.head(torch.tanh(h.flatten(1)))
         return out
 
 
@@ -103,6 +106,25 @@ def _mlp(p: Tensors, b: Tensors, x: Tensor) -> Tensor:
 
 def _conv(p: Tensors, b: Tensors, x: Tensor) -> Tensor:
     return _head(p, F.conv2d(x, p["body.weight"], p["body.bias"], padding=1).flatten(1))
+
+
+def _conv_batchnorm(p: Tensors, b: Tensors, x: Tensor) -> Tensor:
+    h = F.conv2d(x, p["body.weight"], p["body.bias"], padding=1)
+    mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+    w, bias = p["norm.weight"][:, None, None], p["norm.bias"][:, None, None]
+    return _head(p, ((h - mean) / torch.sqrt(var + 1e-5) * w + bias).flatten(1))
+
+
+def _instancenorm(p: Tensors, b: Tensors, x: Tensor) -> Tensor:
+    h = F.conv1d(x, p["body.weight"], p["body.bias"], padding=1)  # (rows, channels, length)
+    mean, var = h.mean(-1, keepdim=True), h.var(-1, unbiased=False, keepdim=True)
+    normed = (h - mean) / torch.sqrt(var + 1e-5) * p["norm.weight"][:, None] + p["norm.bias"][:, None]
+    return _head(p, normed.flatten(1))
+
+
+def _rmsnorm(p: Tensors, b: Tensors, x: Tensor) -> Tensor:
+    h = _linear(p, "body", x)
+    return _head(p, h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * p["norm.weight"])
 
 
 def _batchnorm(p: Tensors, b: Tensors, x: Tensor) -> Tensor:
@@ -172,7 +194,7 @@ def build(name: str, width: int, seed: int) -> Family:
     body: nn.Module = nn.Linear(d, width)
     head_in = width
     if name == "conv":
-        body, row, kind, forward = nn.Conv2d(1, 2, 3, padding=1), (1, 3, 3), "conv", _conv
+        body, row, forward = nn.Conv2d(1, 2, 3, padding=1), (1, 3, 3), _conv
         head_in = 2 * 9
     elif name in ("batchnorm", "batchnorm_eval"):
         norm = nn.BatchNorm1d(width)
@@ -189,6 +211,14 @@ def build(name: str, width: int, seed: int) -> Family:
     elif name == "tied":
         body, kind, forward = nn.Linear(width, width), "tied", _tied
         row = (width,)
+    elif name == "conv_batchnorm":
+        body, norm, row, forward = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), (1, 3, 3), _conv_batchnorm
+        head_in = 2 * 9
+    elif name == "instancenorm":
+        body, norm = nn.Conv1d(1, 2, 3, padding=1), nn.InstanceNorm1d(2, affine=True)
+        row, forward, head_in = (1, 4), _instancenorm, 2 * 4
+    elif name == "rmsnorm":
+        norm, forward = nn.RMSNorm(width, eps=1e-5), _rmsnorm
     net = _Net(body, nn.Linear(head_in, 1), norm, kind).double()
     with torch.no_grad():  # non-trivial affine and running statistics, so that every term matters
         for n_, t in net.named_parameters():

@@ -463,10 +463,10 @@ OPTIMIZERS = {
 OPTIMIZERS["adamw"] = OPTIMIZERS["adam"]
 #: hyperparameters that may be tensors requiring grad (they get meta-gradients)
 LEARNABLE = ("lr", "momentum", "beta1", "weight_decay", "alpha")
-#: Adaptive optimizers divide by the gradient's size: a bias before BatchNorm, and attention's
-#: key bias (softmax ignores a shift), have gradients of rounding noise, which they scale up
-#: to O(1) with a sign that depends on the order of summation. Not a fair comparison.
-SMOOTH_FAMILIES = tuple(f for f in dm.FAMILIES if f not in ("batchnorm", "batchnorm_eval", "attention"))
+#: Adaptive optimizers divide by the gradient's size: a bias that normalization cancels, and
+#: attention's key bias (softmax ignores a shift), have gradients of rounding noise, which they
+#: scale up to O(1) with a sign that depends on the order of summation. Not a fair comparison.
+SMOOTH_FAMILIES = tuple(f for f in dm.FAMILIES if f not in dm.CANCELLED_BIAS | {"attention"})
 
 
 @examples("optim")
