@@ -130,6 +130,7 @@ class Case:
     checkpoint: bool = False
     hyper: Dict[str, Any] = field(default_factory=dict)
     learned: List[str] = field(default_factory=list)  # hyperparameters passed as tensors requiring grad
+    chunk: int = 2  # chunk_size on the chunked routes
 
     @property
     def strategy(self) -> str:
@@ -158,7 +159,9 @@ def cases(draw: Any, families: Sequence[str] = dm.FAMILIES, routes: Optional[Seq
         shots = draw(st.lists(st.integers(low, 4), min_size=tasks, max_size=tasks))
     else:
         shots = [draw(st.integers(low, 4))] * tasks
-    return Case(family, draw(st.integers(0, 2**16)), tasks, shots, draw(st.integers(low, 3)), route)
+    case = Case(family, draw(st.integers(0, 2**16)), tasks, shots, draw(st.integers(low, 3)), route)
+    case.chunk = draw(st.integers(1, 4)) if route.endswith("chunked") else 2
+    return case
 
 
 @dataclass
@@ -344,7 +347,7 @@ def run_fparams(
     kind, strategy = case.route.split(":")
     options: Dict[str, Any] = {"batch_stats": case.family in dm.BATCH_STATS}
     if strategy == "chunked":
-        options["chunk_size"] = 2
+        options["chunk_size"] = case.chunk
     if strategy not in (*RAGGED, "auto"):
         options["strategy"] = strategy
     rows = [(*s, *q) for s, q in zip(data.support, data.query)]
@@ -602,7 +605,7 @@ def test_per_task_running_statistics_match_plain_updates(case: Case, data: Any) 
     per_task = fparams.stack_tasks(dict(d.family.module.named_buffers()), case.tasks)
     options: Dict[str, Any] = {"strategy": case.strategy}
     if case.strategy == "chunked":
-        options["chunk_size"] = 2
+        options["chunk_size"] = case.chunk
     fresh = _fresh(meta)
     losses, b = fparams.map_tasks(task, **options)(fresh, *batches, per_task)
     losses.mean().backward()
@@ -744,7 +747,7 @@ def forward_then_mutate(case: Case, d: Data, meta: Dict[str, Any], what: str, na
         strategy = case.strategy
         options: Dict[str, Any] = {"batch_stats": case.family in dm.BATCH_STATS, "strategy": strategy}
         if strategy == "chunked":
-            options["chunk_size"] = 2
+            options["chunk_size"] = case.chunk
         loss = fparams.map_tasks(task, **options)(meta, *batches)[0].mean()
     assert isinstance(loss, Tensor)
     with torch.no_grad():
