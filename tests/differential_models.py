@@ -260,11 +260,17 @@ def inner_loop(
     steps: int,
     rule: Callable[[int, Tensors, Tensors, Tensors], Tensors],
     first_order: bool,
+    starts: Optional[List[Tensors]] = None,
 ) -> Tensors:
-    """``steps`` differentiable steps on ``loss`` over the names in ``adapted``."""
+    """``steps`` differentiable steps on ``loss`` over the names in ``adapted``.
+
+    ``starts``, where given, receives the parameters each step starts from.
+    """
     fast = dict(params)
     state: Tensors = {}
     for i in range(steps):
+        if starts is not None:
+            starts.append(fast)
         picked = [fast[k] for k in adapted]
         grads = torch.autograd.grad(loss(fast), picked, create_graph=not first_order)
         if first_order:

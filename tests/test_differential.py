@@ -131,6 +131,7 @@ class Case:
     hyper: Dict[str, Any] = field(default_factory=dict)
     learned: List[str] = field(default_factory=list)  # hyperparameters passed as tensors requiring grad
     chunk: int = 2  # chunk_size on the chunked routes
+    aux: bool = False  # adapt(has_aux=True), loss_fn also returning the support predictions
 
     @property
     def strategy(self) -> str:
@@ -275,9 +276,12 @@ def reference(
         def support_loss(p: Dict[str, Tensor], xs: Tensor = xs, ys: Tensor = ys) -> Tensor:
             return dm.mse(fam.forward(p, fam.buffers, xs), ys)
 
-        fast = dm.inner_loop(support_loss, meta["net"], names, case.steps, rule, case.first_order)
+        starts: List[Dict[str, Tensor]] = []
+        fast = dm.inner_loop(support_loss, meta["net"], names, case.steps, rule, case.first_order, starts)
         losses.append(dm.mse(fam.forward(fast, fam.buffers, xq), yq))
         fasts.append({k: t.detach() for k, t in fast.items()})
+        if case.aux:  # adapt(has_aux=True): the last step's aux, at the params that step started from
+            fasts[-1][AUX] = fam.forward(starts[-1], fam.buffers, xs).detach()
     stacked = torch.stack(losses)
     grads = torch.autograd.grad(stacked.mean(), leaves(meta), allow_unused=True)
     flat = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves(meta), grads)]
@@ -327,13 +331,17 @@ def inner_lr(case: Case, meta: Dict[str, Any]) -> Any:
 def task_fn(case: Case, arch: fparams.Architecture) -> Callable[..., Any]:
     loss = masked_loss(arch)
 
+    def with_aux(p: Dict[str, Tensor], x: Tensor, *rest: Tensor) -> Tuple[Tensor, Tensor]:
+        return loss(p, x, *rest), arch(p, x).detach()
+
     def task(meta: Dict[str, Any], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, *masks: Tensor) -> Any:
-        fast = fparams.adapt(
-            loss, meta["net"], xs, ys, *masks[:1], lr=inner_lr(case, meta), steps=case.steps,
-            first_order=case.first_order, filter=None if case.filter is None else FILTERS[case.filter][0],
-            checkpoint=case.checkpoint,
+        out = fparams.adapt(
+            with_aux if case.aux else loss, meta["net"], xs, ys, *masks[:1], lr=inner_lr(case, meta),
+            steps=case.steps, first_order=case.first_order, checkpoint=case.checkpoint, has_aux=case.aux,
+            filter=None if case.filter is None else FILTERS[case.filter][0],
         )  # fmt: skip
-        return loss(fast, xq, yq, *masks[1:]), fast
+        fast = {**out[0], AUX: out[1]} if case.aux else out
+        return loss(out[0] if case.aux else out, xq, yq, *masks[1:]), fast
 
     return task
 
@@ -392,6 +400,8 @@ def compare(
     want_losses, want_fast, want_grads = reference(case, data, meta)
     losses, fast, grads = got
     assert_exact(losses, want_losses, "query losses")
+    if case.aux:
+        assert_exact(fast[AUX], torch.stack([f[AUX] for f in want_fast]), "aux")
     for k in meta["net"]:
         want = torch.stack([f[k] for f in want_fast])
         assert_exact(fast[k].detach(), want, f"adapted {k}")
@@ -447,6 +457,8 @@ def test_inner_loop_options_match_plain_autograd(case: Case, data: Any) -> None:
     case.filter = data.draw(st.sampled_from(FILTER_NAMES), "filter")
     case.lr = data.draw(st.sampled_from(["float", "tensor", "per_step", "meta_sgd"]), "lr")
     case.checkpoint = data.draw(st.booleans(), "checkpoint") and not case.route.startswith("func")
+    # the aux holds support predictions: ragged tasks' would not stack (one shape per task)
+    case.aux = case.steps > 0 and not case.route.endswith(RAGGED) and data.draw(st.booleans(), "has_aux")
     check(case)
 
 
@@ -624,6 +636,10 @@ def test_per_task_running_statistics_match_plain_updates(case: Case, data: Any) 
 # --------------------------------------------------------------------------
 
 SOLVE_TOL = 1e-13  # CG to a relative residual far below the comparison's 1e-10
+
+
+#: The key under which the task functions return adapt's aux next to the adapted params.
+AUX = "<aux>"
 
 
 def masked_loss(arch: fparams.Architecture) -> Callable[..., Tensor]:
