@@ -212,8 +212,8 @@ def build(name: str, width: int, seed: int) -> Family:
         body, kind, forward = nn.Linear(width, width), "tied", _tied
         row = (width,)
     elif name == "conv_batchnorm":
-        body, norm, row, forward = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), (1, 3, 3), _conv_batchnorm
-        head_in = 2 * 9
+        body, norm, row = nn.Conv2d(1, 2, 3, padding=1), nn.BatchNorm2d(2), (1, 3, 3)
+        forward, head_in = _conv_batchnorm, 2 * 9
     elif name == "instancenorm":
         body, norm = nn.Conv1d(1, 2, 3, padding=1), nn.InstanceNorm1d(2, affine=True)
         row, forward, head_in = (1, 4), _instancenorm, 2 * 4
