@@ -57,7 +57,7 @@ settings.register_profile(
 settings.register_profile("differential-long", deadline=None, suppress_health_check=_HEALTH)
 _BASE = settings.get_profile(f"differential-{PROFILE}")
 #: examples per test: (ci, long)
-SIZES = {"inner": (200, 1000), "optim": (80, 400), "implicit": (30, 200), "mutation": (100, 400)}
+SIZES = {"inner": (100, 1000), "optim": (50, 400), "implicit": (12, 200), "mutation": (60, 400)}
 
 
 def examples(kind: str) -> settings:
@@ -519,7 +519,7 @@ def test_optimizers_match_torch_optim_formulas(case: Case, data: Any) -> None:
 # learn2learn's classes: MAML and MetaSGD, one clone per task
 # --------------------------------------------------------------------------
 
-SIZES["classes"] = (80, 400)
+SIZES["classes"] = (50, 400)
 CLASS_KINDS = ("maml", "maml-tensor", "maml-sgd", "maml-adam", "metasgd")
 
 
@@ -569,7 +569,7 @@ def test_learn2learn_classes_match_plain_autograd(case: Case, data: Any) -> None
 # meta_value_and_grad with attached params: the meta-gradient is itself differentiable
 # --------------------------------------------------------------------------
 
-SIZES["attached"] = (20, 200)
+SIZES["attached"] = (15, 200)
 #: families whose normalization torch differentiates wrongly at third order (see test_torch_norms_*)
 NATIVE_THIRD_ORDER_WRONG = frozenset({"batchnorm", "conv_batchnorm", "layernorm", "instancenorm"})
 
@@ -652,7 +652,7 @@ def check_attached(case: Case) -> None:
 # Per-task running statistics: train-mode BatchNorm with stack_tasks and buffers=
 # --------------------------------------------------------------------------
 
-SIZES["running"] = (40, 300)
+SIZES["running"] = (25, 300)
 MOMENTUM = 0.1  # BatchNorm1d's default
 
 
@@ -914,7 +914,7 @@ def test_inplace_change_before_backward_raises_or_is_exact(case: Case, data: Any
 #: fparams' is_compiling branches and dynamo's graph breaks are what differ from
 #: eager); the long profile compiles with inductor, as meta_value_and_grad(compile=True) does.
 COMPILE_BACKEND = "eager" if PROFILE == "ci" else "inductor"
-SIZES["compile"] = (2, 8)
+SIZES["compile"] = (1, 4)
 
 
 COMPILE_FAMILIES = ("mlp", "layernorm", "tied", "batchnorm_eval")
