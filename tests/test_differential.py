@@ -797,11 +797,11 @@ def implicit_reference(
 def classify_implicit(case: Case) -> Optional[str]:
     if case.family == "attention":
         return "attention-second-order"  # Hessian-vector products need attention's double backward
-    if (
-        case.family in dm.BATCH_STATS
-        and case.strategy in ("vmap", "chunked", "auto")
-        and case.route != "map:tasks"
-    ):
+    if case.family not in dm.BATCH_STATS:
+        return None
+    if case.route.startswith("func"):
+        return "imaml-stats-under-func-grad"
+    if case.strategy in ("vmap", "chunked", "auto") and not case.route.endswith("tasks"):
         return "imaml-bn-vmap"
     return None
 
