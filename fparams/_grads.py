@@ -22,6 +22,13 @@ anything else is active (an outer ``torch.func.grad``, ``jvp``,
 mode) it answers ``"func"`` and ``torch.func.grad`` runs. All routes give the same
 numbers up to float rounding; ``tests/test_grads.py`` checks them against
 each other.
+
+Where the gradient is taken with ``create_graph=True`` (a second-order step),
+:func:`inner_grad` runs the forward and backward under
+:func:`fparams._kernels.second_order_kernels` (attention on a kernel that has
+a double backward), and walks the graph of the first gradient it returns once
+for ops that have none (``_kernels.check_double_backward``). First-order steps
+run as they are.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any, Callable, Collection, Dict, List
 import torch
 from torch import Tensor
 
+from ._kernels import check_double_backward, second_order_kernels
 from ._torch_compat import FUNCTORCH, is_compiling
 from ._types import Params
 
@@ -119,6 +127,7 @@ def _gradients(loss: Tensor, inputs: Dict[str, Tensor], create_graph: bool) -> L
 
 def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     """The ``"autograd"`` route: ``torch.autograd.grad`` with no transform active."""
+    check = _checker(create_graph)
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
         with torch.enable_grad():
@@ -127,7 +136,7 @@ def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
             _check_scalar(loss, per_task=False)
             if not loss.requires_grad:  # it does not depend on the inputs
                 return {k: torch.zeros_like(t) for k, t in inputs.items()}
-            return dict(zip(inputs, _gradients(loss, inputs, create_graph)))
+            return dict(zip(inputs, check(_gradients(loss, inputs, create_graph))))
 
     return grad_fn
 
@@ -143,6 +152,7 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     """
     interp: Any = _ft.current_interpreter()
     level, n = interp.level(), interp.batch_size()
+    check = _checker(create_graph)
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
         with torch.enable_grad():
@@ -162,7 +172,7 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
                 losses = loss
             with _ft.pop_interpreter():
                 if losses.requires_grad:
-                    grads = _gradients(losses, inputs, create_graph)
+                    grads = check(_gradients(losses, inputs, create_graph))
                 else:
                     grads = [torch.zeros_like(t) for t in inputs.values()]
         return {k: _ft.add_batch_dim(g, 0, level) for k, g in zip(inputs, grads)}
@@ -193,13 +203,43 @@ def func_grad(fn: Callable[..., Tensor]) -> GradFn:
     return grad_fn
 
 
+def _checker(create_graph: bool) -> Callable[[List[Tensor]], List[Tensor]]:
+    """Returns its gradients; the first ones a second-order step makes are checked for ops
+    without a double backward (one graph walk per gradient function, not per step)."""
+    pending = [create_graph and not is_compiling()]
+
+    def check(grads: List[Tensor]) -> List[Tensor]:
+        if pending[0]:
+            pending[0] = False
+            check_double_backward(grads, "fparams")
+        return grads
+
+    return check
+
+
+def _math_attention(grad_fn: GradFn) -> GradFn:
+    """``grad_fn`` with attention on a kernel that has a double backward (see ``_kernels``)."""
+
+    def run(fast: Params, *args: Any, owned: bool = False) -> Any:
+        with second_order_kernels():
+            return grad_fn(fast, *args, owned=owned)
+
+    return run
+
+
 def inner_grad(fn: Callable[..., Tensor], route: str, create_graph: bool) -> GradFn:
-    """The gradient function of ``fn(fast, *args)`` with respect to ``fast``, by ``route``."""
+    """The gradient function of ``fn(fast, *args)`` with respect to ``fast``, by ``route``.
+
+    With ``create_graph`` (the gradient will be differentiated again) the
+    forward and backward run under :func:`fparams._kernels.second_order_kernels`.
+    """
     if route == "autograd":
-        return autograd_grad(fn, create_graph)
-    if route == "vmap":
-        return vmapped_grad(fn, create_graph)
-    return func_grad(fn)
+        grad_fn = autograd_grad(fn, create_graph)
+    elif route == "vmap":
+        grad_fn = vmapped_grad(fn, create_graph)
+    else:
+        grad_fn = func_grad(fn)
+    return _math_attention(grad_fn) if create_graph else grad_fn
 
 
 def split_aux(out: Any) -> Any:
@@ -226,7 +266,7 @@ def inner_grad_with_aux(fn: Callable[..., Any], route: str, create_graph: bool) 
         def func_fn(fast: Params, *args: Any, owned: bool = False) -> Any:
             return grad(fast, *args)
 
-        return func_fn
+        return _math_attention(func_fn) if create_graph else func_fn
     box: List[Any] = []
 
     def loss_only(fast: Params, *args: Any) -> Tensor:

@@ -17,6 +17,7 @@ from torch.distributions import Distribution
 from torch.distributions.transforms import Transform
 
 from ._checks import check_instance
+from ._kernels import check_double_backward
 from ._state import TensorMemo, rebuild, rewrite, tree, unique_params
 
 _A_DISTRIBUTION = "a torch.distributions.Distribution"
@@ -178,6 +179,7 @@ def update_module(
         )
     modules = tree(module)
     found = _check_updates(module, unique_params(modules), list(updates))
+    check_double_backward(found.values(), "user")  # arch: a second-order step needs a double backward
 
     def param(name: str, t: Tensor) -> Tensor:
         u = found.get(id(t))

@@ -38,6 +38,8 @@ LAYERS = {
     "_maml": 8,
     "distributed": 9,
     "demo": 10,
+    # --- arch ---
+    "_kernels": 0,
 }
 
 
