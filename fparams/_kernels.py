@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ._errors import FparamsRuntimeError
 from ._torch_compat import ops_without_double_backward
 
-__all__ = ["NO_DOUBLE_BACKWARD", "check_double_backward", "second_order_kernels"]
+__all__ = ["NO_DOUBLE_BACKWARD", "check_double_backward", "second_order_kernels", "vmap_kernels"]
 
 #: The ops whose backward torch cannot differentiate (torch 2.3 to 2.13), what
 #: calls them, and the fix. ``docs/guides/architectures.md`` shows the same table.
@@ -77,6 +77,27 @@ def second_order_kernels() -> ContextManager[Any]:
         >>> g.sum().backward()  # the double backward exists
         >>> q.grad.shape
         torch.Size([1, 2, 3, 4])
+    """
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def vmap_kernels() -> ContextManager[Any]:
+    """The attention kernel for a ``vmap`` over tasks: the math kernel, as :func:`second_order_kernels`.
+
+    Under ``vmap`` the fused kernels have no batching rule (torch runs them
+    task by task, with its "performance drop" warning), and torch 2.13 sends a
+    batched attention mask that requires grad (T5's learned position bias)
+    to the CPU flash kernel, which refuses it. The math kernel is batched
+    like any other op. ``map_tasks`` enters this around its ``vmap``.
+
+    Examples:
+        >>> import torch
+        >>> from fparams._kernels import vmap_kernels
+        >>> q = torch.randn(2, 1, 3, 4)
+        >>> with vmap_kernels():
+        ...     out = torch.func.vmap(lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q))(q)
+        >>> out.shape
+        torch.Size([2, 1, 3, 4])
     """
     return sdpa_kernel(SDPBackend.MATH)
 

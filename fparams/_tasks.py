@@ -21,6 +21,7 @@ from ._checks import (
 )
 from ._compile import compile_fallback
 from ._grads import grad_route
+from ._kernels import vmap_kernels
 from ._norms import exact_norms
 from ._torch_compat import is_compiling, pytree
 from ._types import Params, TensorDict
@@ -333,7 +334,8 @@ def _vmap_error(op: str, strategy: str, err: BaseException) -> RuntimeError:
 def _explain_vmap_errors(call: Callable[[], Any], strategy: str) -> Any:
     """``call()``, a vmap over tasks, with vmap's errors for random ops and missing rules explained."""
     try:
-        return call()
+        with vmap_kernels():  # arch: attention's fused kernels have no batching rule
+            return call()
     except RuntimeError as err:
         if _RANDOM_ERROR in str(err):
             raise _randomness_error(err) from err
