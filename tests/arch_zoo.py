@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+Batch = Callable[[int, torch.Generator], Tuple[Dict[str, Tensor], Tensor]]
+
 VOCAB = 11
 CLASSES = 3
 
@@ -24,7 +26,7 @@ CLASSES = 3
 class Arch:
     name: str
     build: Callable[[], nn.Module]
-    batch: Callable[[int, torch.Generator], Tuple[Dict[str, Tensor], Tensor]]
+    batch: Batch
     loss: Callable[[Any, Tensor], Tensor]
     head: str
     train: bool = False
@@ -39,7 +41,7 @@ def _mse(out: Any, y: Tensor) -> Tensor:
     return (out - y).pow(2).mean()
 
 
-def _image(size: int, channels: int = 3) -> Callable[[int, torch.Generator], Tuple[Dict[str, Tensor], Tensor]]:
+def _image(size: int, channels: int = 3) -> Batch:
     def batch(n: int, gen: torch.Generator) -> Tuple[Dict[str, Tensor], Tensor]:
         x = torch.randn(n, channels, size, size, generator=gen, dtype=torch.float64)
         return {"pixel_values": x}, torch.randint(0, CLASSES, (n,), generator=gen)
@@ -47,7 +49,7 @@ def _image(size: int, channels: int = 3) -> Callable[[int, torch.Generator], Tup
     return batch
 
 
-def _tokens(length: int, classify: bool = False) -> Callable[[int, torch.Generator], Tuple[Dict[str, Tensor], Tensor]]:
+def _tokens(length: int, classify: bool = False) -> Batch:
     def batch(n: int, gen: torch.Generator) -> Tuple[Dict[str, Tensor], Tensor]:
         ids = torch.randint(1, VOCAB, (n, length), generator=gen)
         if classify:
@@ -57,7 +59,7 @@ def _tokens(length: int, classify: bool = False) -> Callable[[int, torch.Generat
     return batch
 
 
-def _seq2seq(length: int) -> Callable[[int, torch.Generator], Tuple[Dict[str, Tensor], Tensor]]:
+def _seq2seq(length: int) -> Batch:
     def batch(n: int, gen: torch.Generator) -> Tuple[Dict[str, Tensor], Tensor]:
         src = torch.randint(1, VOCAB, (n, length), generator=gen)
         tgt = torch.randint(1, VOCAB, (n, length), generator=gen)

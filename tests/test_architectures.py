@@ -25,7 +25,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fparams
 from fparams._kernels import NO_DOUBLE_BACKWARD
-
 from tests.arch_zoo import NO_DOUBLE_BACKWARD_NETS, Arch, transformers_archs
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +38,7 @@ TOL = 1e-9
 Task = Tuple[Dict[str, Tensor], Tensor, Dict[str, Tensor], Tensor]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup(name: str) -> Tuple[nn.Module, List[Task]]:
     arch = ARCHS[name]
     torch.manual_seed(0)
@@ -76,14 +75,16 @@ def _reference(
         return loss(fast, xq, yq)
 
 
-def _reference_grads(arch: Arch, model: nn.Module, adapted: Optional[List[str]] = None) -> Tuple[Tensor, List[Tensor]]:
+def _reference_grads(
+    arch: Arch, model: nn.Module, adapted: Optional[List[str]] = None
+) -> Tuple[Tensor, List[Tensor]]:
     params = _leaves(model)
     _, tasks = _setup(arch.name)
     total = sum(_reference(arch, model, params, t, adapted) for t in tasks)
     return total.detach(), list(torch.autograd.grad(total, list(params.values()), allow_unused=True))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reference_cached(name: str) -> Tuple[Tensor, List[Tensor]]:
     model, _ = _setup(name)
     return _reference_grads(ARCHS[name], model)
@@ -102,7 +103,7 @@ def _task_fn(arch: Arch, split: Any, shared: Dict[str, Tensor], filter: Any = No
     def loss_fn(p: Dict[str, Tensor], x: Dict[str, Tensor], y: Tensor, buffers: Dict[str, Tensor]) -> Tensor:
         return arch.loss(split(p, buffers=buffers, **x), y)
 
-    def task(p: Dict[str, Tensor], xs: Any, ys: Tensor, xq: Any, yq: Tensor, b: Optional[Any] = None) -> Tensor:
+    def task(p: Dict[str, Tensor], xs: Any, ys: Tensor, xq: Any, yq: Tensor, b: Any = None) -> Tensor:
         b = shared if b is None else b
         fast = fparams.adapt(loss_fn, p, xs, ys, lr=LR, steps=STEPS, buffers=b, filter=filter)
         return loss_fn(fast, xq, yq, b)
@@ -227,7 +228,8 @@ def test_clone_module_and_update_module_by_hand(name: str) -> None:
     for xs, ys, xq, yq in tasks:
         clone = fparams.clone_module(model)
         for _ in range(STEPS):
-            grads = torch.autograd.grad(arch.loss(clone(**xs), ys), list(clone.parameters()), create_graph=True)
+            loss = arch.loss(clone(**xs), ys)
+            grads = torch.autograd.grad(loss, list(clone.parameters()), create_graph=True)
             fparams.update_module(clone, updates=[-LR * g for g in grads])
         arch.loss(clone(**xq), yq).backward()
     got = [p.grad for p in model.parameters()]
@@ -321,7 +323,8 @@ def test_maml_names_an_op_without_double_backward(name: str) -> None:
     op = NO_DOUBLE_BACKWARD_NETS[name][1]
     x, y = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
     learner = fparams.MAML(net, lr=LR).clone()
-    with pytest.raises(fparams.FparamsRuntimeError, match=re.escape(f"the gradient goes through `{op}`, which")):
+    body = f"the gradient goes through `{op}`, which"
+    with pytest.raises(fparams.FparamsRuntimeError, match=re.escape(body)):
         learner.adapt((learner(x) - y).pow(2).mean())
     learner = fparams.MAML(net, lr=LR, first_order=True).clone()
     learner.adapt((learner(x) - y).pow(2).mean())
