@@ -189,6 +189,7 @@ def _per_task(t: Tensor, level: int, n: int) -> Tensor:
     # unbatched (shared) tensor gets a per-task view, so each task has its own gradient.
     if not _batched(t, level):
         return t.expand(n, *t.shape)
+    value: Tensor
     value, dim = _ft.unwrap_batched(t, level)
     return value if dim == 0 else value.movedim(int(dim), 0)
 
@@ -198,7 +199,8 @@ def func_grad(fn: Callable[..., Tensor]) -> GradFn:
     grad = torch.func.grad(fn)
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
-        return grad(fast, *args)
+        grads: Params = grad(fast, *args)
+        return grads
 
     return grad_fn
 
@@ -270,6 +272,7 @@ def inner_grad_with_aux(fn: Callable[..., Any], route: str, create_graph: bool) 
     box: List[Any] = []
 
     def loss_only(fast: Params, *args: Any) -> Tensor:
+        loss: Tensor
         loss, aux = split_aux(fn(fast, *args))
         box.append(aux)
         return loss
