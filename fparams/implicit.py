@@ -52,6 +52,7 @@ from torch import Tensor
 from ._checks import check_flag, check_int, check_lr, check_positive
 from ._inner import adapt as _unrolled_adapt
 from ._inner import is_optimizer
+from ._kernels import second_order_kernels
 from ._norms import innermost_exact_norms
 from ._torch_compat import FUNCTORCH, import_dynamo_if_lazy_import_breaks, is_compiling, pytree
 from ._transforms import partition
@@ -810,7 +811,8 @@ def adapt(
     backward_loss = loss_fn if norms is None else norms.around(loss_fn)
 
     def optimality(phi: Params, anchor: Params, lam_: Any, frozen_: Params, *a: Any) -> Params:
-        grads: Params = torch.func.grad(_proximal(backward_loss, frozen_))(phi, anchor, lam_, *a)
+        with second_order_kernels():  # arch: its vjps differentiate the gradient again
+            grads: Params = torch.func.grad(_proximal(backward_loss, frozen_))(phi, anchor, lam_, *a)
         return grads
 
     def solver(init: Params, anchor: Params, lam_: Any, frozen_: Params, *a: Any) -> Params:

@@ -213,3 +213,23 @@ def test_the_route_functions_keep_their_signatures() -> None:
         fn = _grads.inner_grad(lambda p: (p["w"] ** 3).sum(), route, create_graph=True)
         w = torch.ones(2, dtype=D, requires_grad=True)
         assert torch.equal(fn({"w": w})["w"].detach(), torch.full((2,), 3.0, dtype=D))
+
+
+def test_implicit_adapt_through_attention_with_the_default_kernels() -> None:
+    # iMAML's backward differentiates the inner gradient (Hessian-vector products): the same
+    # meta-gradient as with everything on the math kernel, which torch needs for it.
+    _, arch, params, x, y = _setup()
+
+    def mse(p: Dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return (arch(p, x) - y).pow(2).mean()
+
+    def meta_grads() -> List[Tensor]:
+        leaves = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+        fast = fparams.implicit.adapt(mse, leaves, x, y, lam=10.0, lr=0.05, steps=20)
+        return list(torch.autograd.grad(mse(fast, x, y), list(leaves.values())))
+
+    got = meta_grads()
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        want = meta_grads()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
