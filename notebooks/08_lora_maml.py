@@ -119,15 +119,15 @@ log_lr = torch.tensor(-2.0, requires_grad=True)
 start = {k: p.detach().clone() for k, p in adapters.items()}
 meta_opt = torch.optim.Adam([*adapters.values(), log_lr], lr=1e-2)
 mapped = fparams.map_tasks(task_losses)
-history = []
+steps_seen = []
 for _ in range(120):
     support, query = sample_tasks(4, 16)
     losses = mapped(adapters, support, query)  # (tasks, [before, after])
     meta_opt.zero_grad()
     losses[:, 1].mean().backward()
     meta_opt.step()
-    history.append(losses.detach().mean(0))
-history = torch.stack(history)
+    steps_seen.append(losses.detach().mean(0))
+history = torch.stack(steps_seen)
 print(f"inner learning rate learned: {log_lr.exp().item():.3f}")
 
 # %% [markdown]
