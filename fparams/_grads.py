@@ -38,6 +38,7 @@ from typing import Any, Callable, Collection, Dict, List
 import torch
 from torch import Tensor
 
+from ._errors import FparamsValueError
 from ._kernels import check_double_backward, second_order_kernels
 from ._torch_compat import FUNCTORCH, is_compiling
 from ._types import Params
@@ -45,6 +46,10 @@ from ._types import Params
 # The functorch internals, probed once in _torch_compat (None where this torch lacks them).
 _ft: Any = FUNCTORCH
 _VMAP: Any = None if FUNCTORCH is None else FUNCTORCH.VMAP
+
+#: The public function these routes serve (its errors name it even where it is called from
+#: another public function, e.g. inside a map_tasks task or implicit.adapt's solver).
+_ADAPT = "adapt"
 
 #: ``fn(fast, *args, owned=False) -> grads of fn's scalar output with respect to
 #: fast``; ``owned=True`` says that ``fast`` holds tensors the inner loop made
@@ -110,8 +115,8 @@ def _check_scalar(loss: Any, per_task: bool) -> None:
     want = 1 if per_task else 0  # on the vmap route, dim 0 holds the tasks
     if not isinstance(loss, Tensor) or loss.dim() != want:
         got = f"shape {tuple(loss.shape[want:])}" if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); got {got}."
+        raise FparamsValueError(
+            f"`loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); got {got}.", function=_ADAPT
         )
 
 
@@ -248,9 +253,10 @@ def split_aux(out: Any) -> Any:
     """``loss_fn``'s ``(loss, aux)`` pair, checked (``adapt(..., has_aux=True)``)."""
     if not (isinstance(out, tuple) and len(out) == 2):
         got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
-        raise ValueError(
-            f"fparams.adapt: has_aux=True needs `loss_fn` to return a pair (loss, aux); got {got}. "
-            f"Return `loss, aux`, or drop has_aux."
+        raise FparamsValueError(
+            f"has_aux=True needs `loss_fn` to return a pair (loss, aux); got {got}. "
+            f"Return `loss, aux`, or drop has_aux.",
+            function=_ADAPT,
         )
     return out
 

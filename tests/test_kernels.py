@@ -233,3 +233,25 @@ def test_implicit_adapt_through_attention_with_the_default_kernels() -> None:
         want = meta_grads()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_the_route_errors_are_fparams_errors_naming_adapt() -> None:
+    _, arch, params, x, y = _setup()
+    with pytest.raises(
+        fparams.FparamsValueError,
+        match="^"
+        + re.escape(
+            "fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); "
+            "got shape (2, 1)."
+        ),
+    ):
+        fparams.adapt(lambda p, x: arch(p, x), params, x, lr=0.1)
+    with pytest.raises(
+        fparams.FparamsValueError,
+        match="^"
+        + re.escape(
+            "fparams.adapt: has_aux=True needs `loss_fn` to return a pair (loss, aux); got Tensor. "
+            "Return `loss, aux`, or drop has_aux."
+        ),
+    ):
+        fparams.adapt(lambda p, x: arch(p, x).sum(), params, x, lr=0.1, has_aux=True)
