@@ -22,6 +22,13 @@ anything else is active (an outer ``torch.func.grad``, ``jvp``,
 mode) it answers ``"func"`` and ``torch.func.grad`` runs. All routes give the same
 numbers up to float rounding; ``tests/test_grads.py`` checks them against
 each other.
+
+Where the gradient is taken with ``create_graph=True`` (a second-order step),
+:func:`inner_grad` runs the forward and backward under
+:func:`fparams._kernels.second_order_kernels` (attention on a kernel that has
+a double backward), and walks the graph of the first gradient it returns once
+for ops that have none (``_kernels.check_double_backward``). First-order steps
+run as they are.
 """
 
 from __future__ import annotations
@@ -31,12 +38,18 @@ from typing import Any, Callable, Collection, Dict, List
 import torch
 from torch import Tensor
 
+from ._errors import FparamsValueError
+from ._kernels import check_double_backward, second_order_kernels
 from ._torch_compat import FUNCTORCH, is_compiling
 from ._types import Params
 
 # The functorch internals, probed once in _torch_compat (None where this torch lacks them).
 _ft: Any = FUNCTORCH
 _VMAP: Any = None if FUNCTORCH is None else FUNCTORCH.VMAP
+
+#: The public function these routes serve (its errors name it even where it is called from
+#: another public function, e.g. inside a map_tasks task or implicit.adapt's solver).
+_ADAPT = "adapt"
 
 #: ``fn(fast, *args, owned=False) -> grads of fn's scalar output with respect to
 #: fast``; ``owned=True`` says that ``fast`` holds tensors the inner loop made
@@ -102,8 +115,8 @@ def _check_scalar(loss: Any, per_task: bool) -> None:
     want = 1 if per_task else 0  # on the vmap route, dim 0 holds the tasks
     if not isinstance(loss, Tensor) or loss.dim() != want:
         got = f"shape {tuple(loss.shape[want:])}" if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(
-            f"fparams.adapt: `loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); got {got}."
+        raise FparamsValueError(
+            f"`loss_fn` must return a scalar tensor (reduce it, e.g. .mean()); got {got}.", function=_ADAPT
         )
 
 
@@ -119,6 +132,7 @@ def _gradients(loss: Tensor, inputs: Dict[str, Tensor], create_graph: bool) -> L
 
 def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     """The ``"autograd"`` route: ``torch.autograd.grad`` with no transform active."""
+    check = _checker(create_graph)
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
         with torch.enable_grad():
@@ -127,7 +141,7 @@ def autograd_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
             _check_scalar(loss, per_task=False)
             if not loss.requires_grad:  # it does not depend on the inputs
                 return {k: torch.zeros_like(t) for k, t in inputs.items()}
-            return dict(zip(inputs, _gradients(loss, inputs, create_graph)))
+            return dict(zip(inputs, check(_gradients(loss, inputs, create_graph))))
 
     return grad_fn
 
@@ -143,6 +157,7 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
     """
     interp: Any = _ft.current_interpreter()
     level, n = interp.level(), interp.batch_size()
+    check = _checker(create_graph)
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
         with torch.enable_grad():
@@ -162,7 +177,7 @@ def vmapped_grad(fn: Callable[..., Tensor], create_graph: bool) -> GradFn:
                 losses = loss
             with _ft.pop_interpreter():
                 if losses.requires_grad:
-                    grads = _gradients(losses, inputs, create_graph)
+                    grads = check(_gradients(losses, inputs, create_graph))
                 else:
                     grads = [torch.zeros_like(t) for t in inputs.values()]
         return {k: _ft.add_batch_dim(g, 0, level) for k, g in zip(inputs, grads)}
@@ -179,6 +194,7 @@ def _per_task(t: Tensor, level: int, n: int) -> Tensor:
     # unbatched (shared) tensor gets a per-task view, so each task has its own gradient.
     if not _batched(t, level):
         return t.expand(n, *t.shape)
+    value: Tensor
     value, dim = _ft.unwrap_batched(t, level)
     return value if dim == 0 else value.movedim(int(dim), 0)
 
@@ -188,27 +204,59 @@ def func_grad(fn: Callable[..., Tensor]) -> GradFn:
     grad = torch.func.grad(fn)
 
     def grad_fn(fast: Params, *args: Any, owned: bool = False) -> Params:
-        return grad(fast, *args)
+        grads: Params = grad(fast, *args)
+        return grads
 
     return grad_fn
 
 
+def _checker(create_graph: bool) -> Callable[[List[Tensor]], List[Tensor]]:
+    """Returns its gradients; the first ones a second-order step makes are checked for ops
+    without a double backward (one graph walk per gradient function, not per step)."""
+    pending = [create_graph and not is_compiling()]
+
+    def check(grads: List[Tensor]) -> List[Tensor]:
+        if pending[0]:
+            pending[0] = False
+            check_double_backward(grads, "fparams")
+        return grads
+
+    return check
+
+
+def _math_attention(grad_fn: GradFn) -> GradFn:
+    """``grad_fn`` with attention on a kernel that has a double backward (see ``_kernels``)."""
+
+    def run(fast: Params, *args: Any, owned: bool = False) -> Any:
+        with second_order_kernels():
+            return grad_fn(fast, *args, owned=owned)
+
+    return run
+
+
 def inner_grad(fn: Callable[..., Tensor], route: str, create_graph: bool) -> GradFn:
-    """The gradient function of ``fn(fast, *args)`` with respect to ``fast``, by ``route``."""
+    """The gradient function of ``fn(fast, *args)`` with respect to ``fast``, by ``route``.
+
+    With ``create_graph`` (the gradient will be differentiated again) the
+    forward and backward run under :func:`fparams._kernels.second_order_kernels`.
+    """
     if route == "autograd":
-        return autograd_grad(fn, create_graph)
-    if route == "vmap":
-        return vmapped_grad(fn, create_graph)
-    return func_grad(fn)
+        grad_fn = autograd_grad(fn, create_graph)
+    elif route == "vmap":
+        grad_fn = vmapped_grad(fn, create_graph)
+    else:
+        grad_fn = func_grad(fn)
+    return _math_attention(grad_fn) if create_graph else grad_fn
 
 
 def split_aux(out: Any) -> Any:
     """``loss_fn``'s ``(loss, aux)`` pair, checked (``adapt(..., has_aux=True)``)."""
     if not (isinstance(out, tuple) and len(out) == 2):
         got = f"a tuple of {len(out)}" if isinstance(out, tuple) else type(out).__name__
-        raise ValueError(
-            f"fparams.adapt: has_aux=True needs `loss_fn` to return a pair (loss, aux); got {got}. "
-            f"Return `loss, aux`, or drop has_aux."
+        raise FparamsValueError(
+            f"has_aux=True needs `loss_fn` to return a pair (loss, aux); got {got}. "
+            f"Return `loss, aux`, or drop has_aux.",
+            function=_ADAPT,
         )
     return out
 
@@ -226,10 +274,11 @@ def inner_grad_with_aux(fn: Callable[..., Any], route: str, create_graph: bool) 
         def func_fn(fast: Params, *args: Any, owned: bool = False) -> Any:
             return grad(fast, *args)
 
-        return func_fn
+        return _math_attention(func_fn) if create_graph else func_fn
     box: List[Any] = []
 
     def loss_only(fast: Params, *args: Any) -> Tensor:
+        loss: Tensor
         loss, aux = split_aux(fn(fast, *args))
         box.append(aux)
         return loss

@@ -25,6 +25,7 @@ from ._checks import (
     rate_may_overflow,
 )
 from ._errors import FparamsTypeError, FparamsValueError, public
+from ._kernels import check_double_backward
 from ._state import TensorMemo, Tree, rebuild, rewrite, tree, unique_params
 from ._transforms import _cast
 
@@ -250,6 +251,7 @@ def _update_module(
     params = unique_params(modules)
     entries = _check_list(module, "updates", updates, len(params), holder="module")
     found = _check_entries(module, "updates", params, entries)
+    check_double_backward(found.values(), "user")  # a second-order step needs a double backward
     return _write(module, found, memo, modules)
 
 

@@ -49,6 +49,8 @@ LAYERS = {
     "demo": 10,
     # --- docs ---
     "datasets": 0,  # task samplers: imports only torch (and the errors and checks)
+    # --- arch ---
+    "_kernels": 0,
 }
 
 

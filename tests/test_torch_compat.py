@@ -174,3 +174,37 @@ def test_the_version_counter_probe_found_it() -> None:
     before = compat.version(t)
     t.add_(1)
     assert compat.VERSION_COUNTERS and compat.version(t) == before + 1
+# --- arch ---
+def test_ops_without_double_backward_without_the_nodes_private_metadata() -> None:
+    # The op's name comes from a NotImplemented node's private `_input_metadata` and torch's error
+    # text; where either moves, the op is "an op" and the fparams error is still raised.
+    import pytest
+    import torch
+
+    from fparams import _kernels
+
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(torch.nn.functional.hardsigmoid(x).sum(), x, create_graph=True)
+    node, seen = None, [g.grad_fn]
+    while seen and node is None:  # the NotImplemented node, by a short walk
+        n = seen.pop()
+        node = n if "NotImplemented" in n.name() else None
+        seen.extend(m for m, _ in n.next_functions if m is not None)
+    assert node is not None
+
+    class Moved:  # the node as a torch without `_input_metadata` would show it
+        def name(self) -> str:
+            return node.name()
+
+        def __call__(self, *args: object) -> None:
+            raise RuntimeError("reworded")
+
+    assert compat._node_op(node) == "aten::hardsigmoid_backward"
+    assert compat._node_op(Moved()) == "an op"
+    real = compat._node_op
+    try:
+        compat._node_op = lambda n: "an op"  # type: ignore[assignment]
+        with pytest.raises(_kernels.FparamsRuntimeError, match="goes through `an op`"):
+            _kernels.check_double_backward([g], "fparams")
+    finally:
+        compat._node_op = real  # type: ignore[assignment]

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._checks import warn_in_user_code
 from .._errors import FparamsRuntimeError, FparamsValueError
+from .._kernels import vmap_kernels
 from .._torch_compat import (
     SlowFallback,
     has_version_counters,
@@ -79,7 +80,8 @@ def explained(call: Callable[[], Any], strategy: str, sizes: Sequence[int]) -> A
     ``sizes`` are the batch sizes of the vmap calls (the tasks, or the chunks).
     """
     try:
-        return call()
+        with vmap_kernels():  # attention's fused kernels have no batching rule
+            return call()
     except RuntimeError as err:
         if is_random_op_error(err):
             raise randomness_error() from err

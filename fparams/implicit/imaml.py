@@ -16,6 +16,7 @@ from torch import Tensor
 from .._checks import check_callable, check_int, check_lr, check_positive, check_rate_keys, describe
 from .._errors import FparamsTypeError, FparamsValueError, public
 from .._inner import adapt as _unrolled_adapt
+from .._kernels import second_order_kernels
 from .._norms import exact_norms, innermost_exact_norms
 from .._transforms import partition
 from .._types import LR, Filter, Params, TensorDict
@@ -181,7 +182,8 @@ def adapt(
     task_loss = _under_norms(loss_fn, norms)
 
     def optimality(phi: Params, anchor: Params, lam_: Any, frozen_: Params, *a: Any) -> Params:
-        grads: Params = torch.func.grad(_proximal(task_loss, frozen_))(phi, anchor, lam_, *a)
+        with second_order_kernels():  # its vjps differentiate the gradient again
+            grads: Params = torch.func.grad(_proximal(task_loss, frozen_))(phi, anchor, lam_, *a)
         return grads
 
     def solver(init: Params, anchor: Params, lam_: Any, frozen_: Params, *a: Any) -> Params:

@@ -1,0 +1,86 @@
+"""Smoke runs of benchmarks/bench_resnet12.py and bench_lora.py at tiny sizes: every path runs and
+gets a row, and fparams' meta-gradient is higher's (no timing asserts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import load_benchmark
+
+TINY_RESNET = [
+    "--width",
+    "2",
+    "--image",
+    "16",
+    "--ways",
+    "2",
+    "--shots",
+    "1",
+    "--queries",
+    "1",
+    "--steps",
+    "1",
+    "--tasks",
+    "2",
+    "--repeats",
+    "1",
+    "--no-memory",
+]
+TINY_LORA = [
+    "--layers",
+    "1",
+    "--embd",
+    "8",
+    "--heads",
+    "2",
+    "--vocab",
+    "16",
+    "--seq",
+    "6",
+    "--rank",
+    "2",
+    "--shots",
+    "2",
+    "--tasks",
+    "2",
+    "--steps",
+    "1",
+    "--repeats",
+    "1",
+    "--no-memory",
+]
+
+
+def test_resnet12_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark("bench_resnet12")
+    result = bench.main(TINY_RESNET)
+    out = capsys.readouterr().out
+    for algo in ("maml", "anil"):
+        assert {"fparams", "fparams_checkpoint"} <= set(result[algo])
+        assert all(row["s"] > 0 for row in result[algo].values())
+    assert "MAML on ResNet-12" in out and "ANIL on ResNet-12" in out
+
+
+@pytest.mark.parametrize("algo", ["maml", "anil"])
+def test_resnet12_fparams_and_higher_agree(algo: str) -> None:
+    pytest.importorskip("higher")
+    bench = load_benchmark("bench_resnet12")
+    args = bench.parse(TINY_RESNET)
+    torch.manual_seed(0)
+    net = bench.resnet12(args.width, args.ways).double()
+    data = [t.double() if t.is_floating_point() else t for t in bench.episode(args)]
+    head = str(len(net) - 1)
+    _, grads = bench._fparams_step(net, data, algo, head, args, False)()
+    bench._higher_step(net, data, algo, args)()
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name] * args.tasks, rtol=1e-9, atol=1e-12)
+
+
+def test_lora_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("peft")
+    bench = load_benchmark("bench_lora")
+    result = bench.main(TINY_LORA)
+    out = capsys.readouterr().out
+    assert {"fparams", "fparams_checkpoint", "fparams.MAML"} <= set(result)
+    assert "MAML over LoRA" in out
