@@ -166,7 +166,7 @@ def check_rate_shapes(lr: object, params: Mapping[str, Tensor]) -> None:
 
 def _keeps_shape(rate: torch.Size, shape: torch.Size) -> bool:
     try:
-        return torch.broadcast_shapes(rate, shape) == shape
+        return bool(torch.Size(torch.broadcast_shapes(rate, shape)) == shape)  # type: ignore[no-untyped-call]
     except RuntimeError:  # not broadcastable at all
         return False
 

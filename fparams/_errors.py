@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import types
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, Type, TypeVar
 
 import torch
 
@@ -58,7 +58,7 @@ class FparamsError(Exception):
         return (_rebuild, (type(self), self.message, self.function))
 
 
-def _rebuild(kind: type, message: str, function: Optional[str]) -> FparamsError:
+def _rebuild(kind: Type[FparamsError], message: str, function: Optional[str]) -> FparamsError:
     return kind(message, function=function)
 
 

@@ -86,7 +86,7 @@ class _Functorch:
         self.get_unwrapped = ft.get_unwrapped
         # looked up so that a torch without them turns the routes off
         _ = (pyft.VmapInterpreter.batch_size, pyft.VmapInterpreter.randomness)
-        self.VMAP = pyft.TransformType.Vmap
+        self.VMAP = pyft.TransformType.Vmap  # type: ignore[attr-defined]  # not re-exported
 
 
 FUNCTORCH: Optional[_Functorch]

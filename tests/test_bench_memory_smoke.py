@@ -15,6 +15,9 @@ import pytest
 
 from tests.helpers import load_benchmark
 
+# Notebooks and benchmark runs take tens of seconds: CI runs them (-m slow), quick local runs skip them.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def memory() -> ModuleType:

@@ -6,6 +6,9 @@ import pytest
 
 from tests.helpers import load_benchmark
 
+# Notebooks and benchmark runs take tens of seconds: CI runs them (-m slow), quick local runs skip them.
+pytestmark = pytest.mark.slow
+
 
 def test_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
     bench = load_benchmark("bench_tasks")

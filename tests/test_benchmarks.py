@@ -8,6 +8,9 @@ import torch
 import fparams
 from tests.helpers import load_benchmark
 
+# Notebooks and benchmark runs take tens of seconds: CI runs them (-m slow), quick local runs skip them.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def bench():

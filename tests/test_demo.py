@@ -132,7 +132,7 @@ def test_the_ranges_are_quoted_everywhere_alike() -> None:
         "--help": demo.build_parser().format_help().replace("\n", " "),
         "notebooks/02_maml_sine_vmap.py": (root / "notebooks" / "02_maml_sine_vmap.py").read_text(),
         "docs/index.md": (root / "docs" / "index.md").read_text(),
-        "docs/README-draft.md": (root / "docs" / "README-draft.md").read_text(),
+        "README.md": (root / "README.md").read_text(),
     }
     for where, text in texts.items():
         for quoted in ranges:

@@ -22,6 +22,9 @@ from typing import Any
 
 import pytest
 
+# Notebooks and benchmark runs take tens of seconds: CI runs them (-m slow), quick local runs skip them.
+pytestmark = pytest.mark.slow
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("jupytext")
