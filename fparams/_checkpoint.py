@@ -67,13 +67,18 @@ Body = Callable[[Any, Any, Any], Any]
 class _Saved:
     """What autograd keeps for one saved tensor of a checkpointed step: dropped, then refilled."""
 
-    __slots__ = ("tensor", "shape", "dtype", "__weakref__")
+    __slots__ = ("tensor", "shape", "dtype", "source", "version", "__weakref__")
 
     def __init__(self, tensor: Tensor) -> None:
         # Detached: autograd puts the graph metadata back when it unpacks, and a
         # recomputed tensor must not keep the recomputation's graph alive.
         self.tensor: Optional[Tensor] = tensor.detach() if tensor.requires_grad else tensor
         self.shape, self.dtype = tensor.shape, tensor.dtype
+        # The saved tensor itself, weakly: if it outlives the step (a captured learned rate,
+        # a buffer, the data), an in-place change of it before recomputation is detected by its
+        # version counter, as autograd detects it for the saved tensors it keeps.
+        self.source: Optional[weakref.ReferenceType[Tensor]] = weakref.ref(tensor)
+        self.version = -1
 
 
 class _Region:
@@ -110,6 +115,8 @@ class _Region:
             saved = ref()
             if saved is not None:
                 saved.tensor = None
+                source = saved.source() if saved.source is not None else None
+                saved.version = -1 if source is None else version(source)
         return out
 
     def _pack(self, tensor: Tensor) -> _Saved:
@@ -125,16 +132,20 @@ class _Region:
 
     def _check_unchanged(self) -> None:
         for (t, label), before in zip(self.inputs, self.versions):
-            now = version(t)
-            if now != before:
-                raise FparamsRuntimeError(
-                    f"{label}, an input of an inner step run with checkpoint=True, was changed in "
-                    f"place after the step ran (its version went from {before} to {now}), so the "
-                    f"backward pass would differentiate other values than the step used. Change it "
-                    f"after the backward pass, change a copy (x.clone()), or pass checkpoint=False "
-                    f"(torch then raises its own in-place error).",
-                    function="adapt",
-                )
+            if version(t) != before:
+                raise _changed_error(label, before, version(t))
+        labels = {id(t): label for t, label in self.inputs}
+        for ref in self.slots:  # every other tensor the step saved that is still alive
+            saved = ref()
+            source = None if saved is None or saved.source is None else saved.source()
+            if source is not None and saved is not None and saved.version >= 0:
+                if version(source) != saved.version:
+                    label = labels.get(
+                        id(source),
+                        f"a tensor of shape {tuple(source.shape)} that the step used (a captured "
+                        f"tensor such as a learned rate, a buffer, or the data)",
+                    )
+                    raise _changed_error(label, saved.version, version(source))
 
     def _recompute(self) -> None:
         self._check_unchanged()
@@ -205,19 +216,47 @@ def check_checkpoint(route: str) -> None:
     )
 
 
+def _changed_error(label: str, before: int, now: int) -> FparamsRuntimeError:
+    return FparamsRuntimeError(
+        f"{label}, an input of an inner step run with checkpoint=True, was changed in "
+        f"place after the step ran (its version went from {before} to {now}), so the "
+        f"backward pass would differentiate other values than the step used. Change it "
+        f"after the backward pass, change a copy (x.clone()), or pass checkpoint=False "
+        f"(torch then raises its own in-place error).",
+        function="adapt",
+    )
+
+
 def checkpointed_step(
-    body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]], label: Label
+    body: Body,
+    carry: Any,
+    ctx: Any,
+    buffers: Optional[Mapping[str, Tensor]],
+    label: Label,
+    watch: Sequence[Tuple[Tensor, str]] = (),
 ) -> Any:
     """``body(carry, ctx, buffers)``, with its saved tensors recomputed in the backward pass.
 
     ``label`` names the inputs in ``(carry, ctx)`` for the error raised where one
-    of them was changed in place before the recomputation.
+    of them was changed in place before the recomputation; ``watch`` adds the
+    tensors ``body`` reads from elsewhere (a learned rate), with their names.
     """
     if grad_route() == "vmap":
-        return _under_vmap(body, carry, ctx, buffers, label)
+        return _under_vmap(body, carry, ctx, buffers, label, watch)
     leaves = _labelled((carry, ctx), label)
-    inputs = [(t, name) for t, name in leaves if isinstance(t, Tensor)]
+    inputs = [(t, name) for t, name in leaves if isinstance(t, Tensor)] + list(watch)
     return _Region(body, (carry, ctx), buffers, inputs).run(buffers)
+
+
+def _physical(t: Tensor, level: int) -> Tensor:
+    """``t`` beneath this vmap level (its version counter is the one in-place changes bump)."""
+    return _ft_unwrap(t, level) if batched_at(t, level) else t
+
+
+def _ft_unwrap(t: Tensor, level: int) -> Tensor:
+    _ft: Any = FUNCTORCH
+    value: Tensor = _ft.unwrap_batched(t, level)[0]
+    return value
 
 
 def _labelled(tree: Any, label: Label) -> List[Tuple[Any, str]]:
@@ -232,7 +271,12 @@ def _keys(path: Sequence[Any]) -> Tuple[Any, ...]:
 
 
 def _under_vmap(
-    body: Body, carry: Any, ctx: Any, buffers: Optional[Mapping[str, Tensor]], label: Label
+    body: Body,
+    carry: Any,
+    ctx: Any,
+    buffers: Optional[Mapping[str, Tensor]],
+    label: Label,
+    watch: Sequence[Tuple[Tensor, str]],
 ) -> Any:
     # Checkpoint on the physical tensors beneath the active vmap level; the
     # step runs in a vmap of its own, which exists again at recomputation.
@@ -271,6 +315,7 @@ def _under_vmap(
         # the step's inputs, the buffers left out (the recomputation uses its own copy)
         named = _labelled((carry, ctx), label)
         inputs = [(p, name) for p, (_, name) in zip(physical, named) if isinstance(p, Tensor)]
+        inputs += [(_physical(t, level), name) for t, name in watch]
         out = _Region(run, (physical,), state, inputs).run(state)
     tree, kept = out_spec
     tensors = iter(out)

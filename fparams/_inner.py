@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -193,8 +193,9 @@ def _adapt(
     with norms.suspended() if norms is not None else contextlib.nullcontext():
         if checkpoint:  # the vmap route's gradient function is made inside the step's own vmap
             body = functools.partial(checkpointed_body, grads_for, opt, o.first_order)
+            watch = _rate_tensors(lr)
             for ctx in contexts:
-                carry = checkpointed_step(body, carry, ctx, o.buffers, label)
+                carry = checkpointed_step(body, carry, ctx, o.buffers, label, watch)
         else:
             grads_fn = grads_for(route)
             for i, ctx in enumerate(contexts):
@@ -207,6 +208,20 @@ def _adapt(
     if o.has_aux:
         return AdaptedAux(out, aux)
     return AdaptedState(out, state) if o.return_state else out
+
+
+def _rate_tensors(lr: Any) -> List[Tuple[Tensor, str]]:
+    """The tensors of a rate given as a tensor, a dict or a per-step list, with their names: a
+    checkpointed step reads them again when it is recomputed, so an in-place change of one (an
+    optimizer step on a learned rate) before the backward pass must be detected."""
+    if is_optimizer(lr):
+        return []
+    paths, _ = compat.trees.tree_flatten_with_path(lr)
+    return [
+        (t, "lr" + "".join(f"[{getattr(k, 'key', getattr(k, 'idx', k))!r}]" for k in path))
+        for path, t in paths
+        if isinstance(t, Tensor)
+    ]
 
 
 def _check_call(loss_fn: Any, params: Any, args: Tuple[Any, ...], o: _Options) -> None:

@@ -186,7 +186,12 @@ def _add_update_attr(name: str, t: Tensor) -> Tensor:
 def _write(
     module: nn.Module, found: Dict[int, Tensor], memo: Optional[TensorMemo], modules: Tree
 ) -> nn.Module:
-    """Replace each parameter ``p`` that has an update ``u`` in ``found`` by ``p + u``, in place."""
+    """Replace each parameter ``p`` that has an update ``u`` in ``found`` by ``p + u``, in place.
+
+    Every shim's update goes through here, so the check that a second-order step has a double
+    backward (the user's own forward through fused attention has none) is made here once.
+    """
+    check_double_backward(found.values(), "user")
 
     def param(name: str, t: Tensor) -> Tensor:
         u = found.get(id(t))
@@ -251,7 +256,6 @@ def _update_module(
     params = unique_params(modules)
     entries = _check_list(module, "updates", updates, len(params), holder="module")
     found = _check_entries(module, "updates", params, entries)
-    check_double_backward(found.values(), "user")  # a second-order step needs a double backward
     return _write(module, found, memo, modules)
 
 

@@ -470,8 +470,10 @@ def has_version_counters() -> bool:
 
 
 def version(t: torch.Tensor) -> int:
-    """``t._version``, autograd's count of in-place changes (-1 where unavailable)."""
-    return int(t._version) if VERSION_COUNTERS else -1
+    """``t._version``, autograd's count of in-place changes: bumped by every in-place change of
+    ``t`` or a view of its storage. Where torch has no counter every tensor reads 0, and in-place
+    changes are then not detected."""
+    return int(getattr(t, "_version", 0)) if VERSION_COUNTERS else 0
 
 
 def _probe_graph_walk() -> bool:

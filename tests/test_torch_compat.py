@@ -112,7 +112,7 @@ def test_tasks_work_without_version_counters_and_the_graph_walk(monkeypatch) -> 
     want = run()
     monkeypatch.setattr(compat, "VERSION_COUNTERS", False)
     monkeypatch.setattr(compat, "GRAPH_WALK", False)
-    assert compat.version(torch.zeros(1)) == -1
+    assert compat.version(torch.zeros(1)) == 0  # every tensor reads 0 without counters
     assert compat.reaches_other_leaves(torch.zeros(1), [])
     for a, b in zip(run(), want):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -163,8 +163,9 @@ def _tensors(given: Any) -> List[Tensor]:
 
 def _restore(saved: List[Tuple[Tensor, int, Optional[Tensor]]], first: bool, op: str) -> None:
     """Put the inputs vmap changed in place back (first call), or refuse to change them twice."""
-    # a version of -1: this torch has no version counters, and every call copies its inputs
-    changed = [(t, copy) for t, before, copy in saved if before < 0 or version(t) != before]
+    # without version counters every call copies its inputs, and all are put back
+    counted = has_version_counters()
+    changed = [(t, copy) for t, before, copy in saved if not counted or version(t) != before]
     if changed and not first:
         raise FparamsRuntimeError(
             f"vmap cannot run {op}, and before it failed it had changed {len(changed)} of the "
