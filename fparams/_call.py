@@ -308,6 +308,6 @@ def split(module: nn.Module) -> Tuple[Architecture, Params, Buffers]:
         (['0.bias', '0.weight', '1.bias', '1.weight'], ['1.num_batches_tracked'])
     """
     check_instance("module", module, nn.Module, "a torch.nn.Module")
-    check_module_slots("fparams.split")
+    check_module_slots()
     params, buffers = state_dicts(module)
     return Architecture(module, frozenset(params), frozenset(buffers)), params, buffers

@@ -17,17 +17,15 @@ Only Python numbers are range-checked.
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
-import os
 import warnings
 from typing import Any, Callable, Collection, Mapping, Optional, Tuple, Type, TypeVar, Union
 
 import torch
 from torch import Tensor
 
-from ._errors import _INTERNAL, FparamsError, FparamsTypeError, FparamsValueError, user_frames
+from ._errors import _INTERNAL, FparamsTypeError, FparamsValueError
 from ._torch_compat import caller_frame
 
 #: A hyperparameter: a number, or a tensor (which may require grad).
@@ -241,66 +239,14 @@ def check_state(state: object, kind: Type[Any]) -> None:
         )
 
 
-# -- the transition from `where` arguments -------------------------------------------------
-#
-# TRANSITION (removed once no caller passes a name): callers written before
-# fparams had its own error types pass the public function's name first
-# (``check_int("fparams.adapt", "steps", ...)``). The name is taken off and set
-# on the error, as :func:`fparams._errors.public` does at the boundary.
-
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _legacy_where(fn: F) -> F:
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if args and isinstance(args[0], str) and args[0].startswith("fparams."):
-            where, args = args[0], args[1:]
-            try:
-                return fn(*args, **kwargs)
-            except FparamsError as err:
-                if err.function is None:
-                    err.function = where[len("fparams.") :]
-                raise
-        return fn(*args, **kwargs)
-
-    return call  # type: ignore[return-value]
-
-
-for _name in [n for n, v in list(globals().items()) if n.startswith("check_") and callable(v)]:
-    globals()[_name] = _legacy_where(globals()[_name])
-
-
-def is_fparams_error(err: BaseException) -> bool:
-    """One of fparams' own input errors (TRANSITION: or a message that starts with ``fparams.``)."""
-    return isinstance(err, FparamsError) or (
-        isinstance(err, (TypeError, ValueError)) and str(err).startswith("fparams.")
-    )
-
-
-def reports_errors_here(fn: F) -> F:
-    """TRANSITION: :func:`fparams._errors.public` without a name, for messages that carry it."""
-    if os.environ.get("FPARAMS_FULL_TRACEBACKS"):
-        return fn
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        __tracebackhide__ = True  # noqa: F841 - pytest and IPython hide this frame too
-        try:
-            return fn(*args, **kwargs)
-        except (TypeError, ValueError) as err:
-            if not is_fparams_error(err):
-                raise
-            raise err.with_traceback(user_frames(err.__traceback__))  # noqa: B904 - the same error
-
-    return call  # type: ignore[return-value]
 
 
 def warn_in_user_code(message: str, category: Type[Warning]) -> None:
     """``warnings.warn`` attributed to the innermost frame outside fparams and torch.
 
     A fixed ``stacklevel`` breaks as soon as a wrapper (such as
-    :func:`reports_errors_here`) or another internal call adds a frame; this
+    :func:`fparams._errors.public`) or another internal call adds a frame; this
     counts the frames instead, so the warning names the user's line.
     """
     frame = caller_frame(1)  # the caller: stacklevel 2

@@ -114,7 +114,7 @@ def rebuild(
     ``buffers(name, t)`` give the tensor for each slot. The original tree is
     not touched.
     """
-    check_module_slots("fparams")
+    check_module_slots()
     modules: Dict[int, nn.Module] = {}
     return _copy(module, "", params, buffers, memo if memo is not None else {}, modules)
 
@@ -159,7 +159,7 @@ def rewrite(
     shims (``update_module``, ``detach_module``) call it. ``modules`` is
     ``tree(module)`` when the caller has already walked it.
     """
-    check_module_slots("fparams")
+    check_module_slots()
     memo = memo if memo is not None else {}
     for prefix, m in modules if modules is not None else tree(module):
         _fill(m, prefix, params, buffers, memo)

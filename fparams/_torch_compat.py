@@ -167,11 +167,11 @@ def _has_slots() -> bool:
 MODULE_SLOTS = _has_slots()
 
 
-def check_module_slots(where: str) -> None:
+def check_module_slots() -> None:
     """``NotImplementedError`` where ``nn.Module`` stores its state in some other way."""
     if not MODULE_SLOTS:  # pragma: no cover - depends on the torch version
         raise NotImplementedError(
-            f"{where}: this torch ({torch.__version__}) no longer keeps a module's tensors in "
+            f"fparams: this torch ({torch.__version__}) no longer keeps a module's tensors in "
             f"`_parameters` / `_buffers`; fparams needs a release that supports it (see README)."
         )
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fparams
-from fparams._checks import reports_errors_here
+from fparams._errors import FparamsValueError, public
 
 INTERNAL = (os.path.dirname(fparams.__file__), os.path.dirname(torch.__file__))
 
@@ -68,16 +68,18 @@ def test_other_errors_keep_their_full_traceback() -> None:
 
 def test_full_tracebacks_on_request(monkeypatch: pytest.MonkeyPatch) -> None:
     def inner() -> None:
-        raise ValueError("fparams.x: bad")
+        raise FparamsValueError("bad")
 
     monkeypatch.setenv("FPARAMS_FULL_TRACEBACKS", "1")
-    assert reports_errors_here(inner) is inner
+    with pytest.raises(ValueError, match="^fparams.x: bad$") as info:
+        public("x")(inner)()
+    assert any(f.filename.startswith(INTERNAL[0]) for f in _frames(info.value))  # public's frame kept
     monkeypatch.delenv("FPARAMS_FULL_TRACEBACKS")
-    wrapped = reports_errors_here(inner)
+    wrapped = public("x")(inner)
     assert wrapped is not inner and wrapped.__name__ == "inner"
     with pytest.raises(ValueError, match="^fparams.x: bad$") as info:
         wrapped()
-    # inner() lives in tests/, not in fparams or torch: it stays
+    # inner() lives in tests/, not in fparams or torch: it stays, and ends the traceback
     assert [f.name for f in _frames(info.value)][-1] == "inner"
 
 

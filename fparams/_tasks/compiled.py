@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 
 from .._compile import compile_fallback
+from .._errors import public
 from .._norms import exact_norms
 from .._torch_compat import is_compiling
 from .._torch_compat import tree_utils as pytree
 from .batching import check_task_list, num_tasks, one_task_batch, per_task_losses, stack_outputs, task
-from .map import check_call, entry_point
+from .map import check_call
 from .plan import AutoMemory, Options, Strategy, plan
 
 
@@ -76,7 +77,7 @@ class CompiledStep:
             per_task_losses(value.unsqueeze(0) if isinstance(value, Tensor) else value)
         return out
 
-    @entry_point("meta_value_and_grad")
+    @public("meta_value_and_grad")
     def __call__(self, *args: Any, tasks: Optional[Sequence[Any]] = None, **kwargs: Any) -> Any:
         check_call(args, kwargs, "meta_value_and_grad")
         params, task_batches = args[0], args[1:]

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 
-from .._checks import is_fparams_error
-from .._errors import FparamsError, FparamsTypeError, public, user_frames
+from .._errors import FparamsTypeError, public
 from .._norms import exact_norms
 from .._torch_compat import is_compiling
 from .batching import check_task_list, checked, num_tasks, stack_outputs, task
@@ -43,33 +40,6 @@ def each_task(mode: exact_norms, run: Callable[[int], Any], n: int) -> List[Any]
 def _loop(fn: Callable[..., Any], params: Any, batches: Sequence[Any], n: int, mode: exact_norms) -> Any:
     """The loop strategy: ``fn(params, *task_i)`` for each task, outputs stacked."""
     return stack_outputs(each_task(mode, lambda i: fn(params, *task(batches, i)), n))
-
-
-def entry_point(name: str) -> Callable[[F], F]:
-    """:func:`fparams._errors.public` for the callables this package returns.
-
-    TRANSITION: in the same frame (so that a traceback keeps one fparams
-    frame) it also trims the traceback of an error of a module not yet on
-    :class:`FparamsError` (``_norms``' "fparams."-prefixed ValueErrors). Once
-    every module raises FparamsError this is ``public(name)``.
-    """
-
-    def decorate(fn: F) -> F:
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            __tracebackhide__ = True  # noqa: F841 - pytest and IPython hide this frame too
-            try:
-                return fn(*args, **kwargs)
-            except (TypeError, ValueError, FparamsError) as err:
-                if isinstance(err, FparamsError) and err.function is None:
-                    err.function = name
-                if os.environ.get("FPARAMS_FULL_TRACEBACKS") or not is_fparams_error(err):
-                    raise
-                raise err.with_traceback(user_frames(err.__traceback__))  # noqa: B904 - the same error
-
-        return call  # type: ignore[return-value]
-
-    return decorate
 
 
 def check_call(args: Sequence[Any], kwargs: Dict[str, Any], owner: str) -> None:
@@ -142,7 +112,7 @@ class MappedTasks:
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         return f"map_tasks({name}, strategy={self.strategy!r}, demoted={self.demoted!r})"
 
-    @entry_point("map_tasks")
+    @public("map_tasks")
     def __call__(self, *args: Any, tasks: Optional[Sequence[Any]] = None, **kwargs: Any) -> Any:
         check_call(args, kwargs, "map_tasks")
         return self.run(args[0], args[1:], tasks)

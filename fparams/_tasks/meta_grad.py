@@ -27,7 +27,7 @@ from .batching import (
 )
 from .compiled import CompiledStep
 from .fallback import run_auto, run_vmap
-from .map import MappedTasks, check_call, each_task, entry_point
+from .map import MappedTasks, check_call, each_task
 from .plan import AutoMemory, Chosen, Options, Randomness, Strategy, check_options, plan, vmap_sizes
 
 #: ``task_args(i)``: task ``i``'s arguments where they are not stacked (``tasks=``).
@@ -61,7 +61,7 @@ class MetaStep:
         """Forget what ``"auto"`` learned."""
         self.memory.reset()
 
-    @entry_point("meta_value_and_grad")
+    @public("meta_value_and_grad")
     def __call__(self, *args: Any, tasks: Optional[Sequence[Any]] = None, **kwargs: Any) -> Any:
         check_call(args, kwargs, "meta_value_and_grad")
         return self.compute(args[0], args[1:], tasks)
