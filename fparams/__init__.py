@@ -6,13 +6,14 @@ dicts; cloning, detaching and updating are pure dict transforms run through
 """
 
 # Submodules with names of their own: fparams.optim.adam, fparams.distributed.shard_tasks.
-from . import datasets as datasets  # --- docs ---: task samplers, fparams.datasets.sine_tasks
-from . import distributed as distributed
-from . import implicit as implicit
-from . import optim as optim
+from . import (
+    datasets as datasets,  # --- docs ---: task samplers, fparams.datasets.sine_tasks
+    distributed as distributed,
+    implicit as implicit,
+    optim as optim,
+)
 from ._call import Architecture, split
-from ._compile import CompileFallbackWarning
-from ._compile import compile_fallback as compile
+from ._compile import CompileFallbackWarning, compile_fallback as compile
 from ._dice import magic_box
 from ._errors import FparamsError, FparamsRuntimeError, FparamsTypeError, FparamsValueError
 from ._inner import adapt

@@ -50,8 +50,7 @@ from torch import Tensor
 
 from ._errors import FparamsRuntimeError
 from ._grads import grad_route
-from ._torch_compat import FUNCTORCH, batched_at, version
-from ._torch_compat import trees as pytree
+from ._torch_compat import FUNCTORCH, batched_at, trees as pytree, version
 
 #: ``label(path) -> str``: what the input at ``path`` (a tuple of indices and keys
 #: into the step's ``(carry, ctx)``) is, for the in-place error.

@@ -36,8 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, event, given, note, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, event, given, note, settings, strategies as st
 from torch import Tensor
 
 import fparams

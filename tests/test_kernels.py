@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fparams
-from fparams import _grads, _kernels
-from fparams import _torch_compat as compat
+from fparams import _grads, _kernels, _torch_compat as compat
 
 D = torch.float64
 

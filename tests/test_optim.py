@@ -9,8 +9,7 @@ from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 from torch import Tensor, nn
 
 import fparams

@@ -13,8 +13,7 @@ import copy
 from typing import Any, List, Optional, Tuple
 
 import torch
-from hypothesis import given, note
-from hypothesis import strategies as st
+from hypothesis import given, note, strategies as st
 from torch import Tensor, nn
 
 import fparams

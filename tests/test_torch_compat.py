@@ -201,10 +201,12 @@ def test_ops_without_double_backward_without_the_nodes_private_metadata() -> Non
 
     assert compat._node_op(node) == "aten::hardsigmoid_backward"
     assert compat._node_op(Moved()) == "an op"
-    real = compat._node_op
+    from fparams._torch_compat import graph
+
+    real = graph._node_op
     try:
-        compat._node_op = lambda n: "an op"  # type: ignore[assignment]
+        graph._node_op = lambda n: "an op"  # type: ignore[assignment]
         with pytest.raises(_kernels.FparamsRuntimeError, match="goes through `an op`"):
             _kernels.check_double_backward([g], "fparams")
     finally:
-        compat._node_op = real  # type: ignore[assignment]
+        graph._node_op = real  # type: ignore[assignment]

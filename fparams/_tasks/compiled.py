@@ -17,8 +17,7 @@ from torch import Tensor
 from .._compile import compile_fallback
 from .._errors import public
 from .._norms import exact_norms
-from .._torch_compat import is_compiling
-from .._torch_compat import tree_utils as pytree
+from .._torch_compat import is_compiling, tree_utils as pytree
 from .batching import check_task_list, num_tasks, one_task_batch, per_task_losses, stack_outputs, task
 from .map import check_call
 from .plan import AutoMemory, Options, Strategy, plan

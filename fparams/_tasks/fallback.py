@@ -23,11 +23,9 @@ from .._torch_compat import (
     is_random_op_error,
     slow_fallback_raises,
     slow_fallback_recorded,
+    tree_utils as pytree,
     unbatchable_op,
     version,
-)
-from .._torch_compat import (
-    tree_utils as pytree,
 )
 from .plan import AutoMemory
 

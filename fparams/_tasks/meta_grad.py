@@ -12,8 +12,7 @@ from .._checks import check_flag
 from .._errors import public
 from .._grads import grad_route
 from .._norms import exact_norms
-from .._torch_compat import reaches_other_leaves
-from .._torch_compat import tree_utils as pytree
+from .._torch_compat import reaches_other_leaves, tree_utils as pytree
 from .batching import (
     check_params,
     check_task_list,

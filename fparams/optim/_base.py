@@ -23,8 +23,7 @@ from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Protocol,
 import torch
 from torch import Tensor
 
-from .._checks import Hyper as Hyper
-from .._checks import check_hyper
+from .._checks import Hyper as Hyper, check_hyper
 from .._errors import FparamsError, FparamsTypeError, FparamsValueError
 from .._types import TensorDict, Updates
 

@@ -51,11 +51,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-import re  # --- tasks ---
 import sys
-import warnings  # --- tasks ---
 import weakref
-from collections.abc import Iterable
 from types import FrameType
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -214,56 +211,6 @@ def refresh_rnn(module: nn.Module) -> None:
         module.__dict__["_flat_weight_refs"] = [None if w is None else weakref.ref(w) for w in weights]
 
 
-# -- torch's error texts ---------------------------------------------------------------------------
-# Where no capability check can tell in advance, fparams recognises a few of
-# torch's errors by their text to explain them. Each matcher says which error it
-# is for; where torch rewords one, its own message surfaces unexplained.
-
-
-def is_captured_update_error(err: BaseException) -> bool:
-    """torch.func: a tensor captured from outside ``grad``/``vmap`` was changed in place."""
-    return "captured Tensor" in str(err)
-
-
-def is_nonscalar_grad_error(err: BaseException) -> bool:
-    """``torch.func.grad``: the function did not return a scalar."""
-    text = str(err)
-    return "scalar" in text and "grad" in text
-
-
-def is_vmap_error(err: BaseException) -> bool:
-    """A vmap-specific failure (a Python number read from a batched tensor ...)."""
-    return "vmap" in str(err)
-
-
-def is_shared_stats_error(err: BaseException) -> bool:
-    """An in-place update of a tensor that has no task dimension, or is captured, under vmap."""
-    text = str(err)
-    return is_vmap_error(err) or "captured" in text or "doesn't match the broadcast shape" in text
-
-
-# -- dynamo's exceptions ------------------------------------------------------------------------------
-
-#: Where torch.compile's own exceptions are defined.
-_COMPILER_MODULES = ("torch._dynamo", "torch._inductor", "torch.fx", "torch._subclasses")
-
-
-def is_compile_error(err: BaseException) -> bool:
-    """Did ``err`` come from ``torch.compile``'s machinery rather than from the compiled function?
-
-    dynamo wraps failures of its own, of its backends and of fake-tensor
-    propagation in ``torch._dynamo.exc.TorchDynamoException``; an exception
-    the function raises itself passes through unwrapped. dynamo is imported by
-    ``torch.compile`` itself, so it is looked up lazily, never imported here.
-    Without it, the module that defines the exception's class decides.
-    """
-    exc = sys.modules.get("torch._dynamo.exc")
-    base = getattr(exc, "TorchDynamoException", None)
-    if isinstance(base, type) and isinstance(err, base):
-        return True
-    return any(cls.__module__.startswith(_COMPILER_MODULES) for cls in type(err).__mro__)
-
-
 # -- saved-tensor hooks under vmap ---------------------------------------------------------------------
 
 
@@ -307,150 +254,11 @@ tree_flatten = pytree.tree_flatten
 tree_unflatten = pytree.tree_unflatten
 tree_leaves = pytree.tree_leaves
 
-# Frames, for exact_norms (fparams/_norms/mode.py): which BatchNorm's forward called
-# ``Tensor.add_`` on its batch counter, and which layer to name in an error. Probed
-# once; without ``sys._getframe`` (or under torch.compile, which cannot trace frame
-# inspection) the answer is UNKNOWN and exact_norms falls back to the tensor's kind.
-_getframe: Optional[Callable[[int], FrameType]] = getattr(sys, "_getframe", None)
-
-#: What :func:`caller_self` returns where frames cannot be read.
-UNKNOWN_CALLER = object()
-
-
-def caller_self(depth: int) -> object:
-    """The ``self`` of the function ``depth`` frames above the caller (None if it has none)."""
-    if _getframe is None or is_compiling():
-        return UNKNOWN_CALLER
-    return _getframe(depth + 1).f_locals.get("self")
-
-
-def calling_module(kinds: Tuple[type, ...], limit: int = 16) -> Optional[nn.Module]:
-    """The innermost module of one of ``kinds`` whose method is on the stack (error messages only)."""
-    if _getframe is None or is_compiling():
-        return None
-    frame: Optional[FrameType] = _getframe(1)
-    for _ in range(limit):
-        if frame is None:
-            return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, kinds) and isinstance(owner, nn.Module):
-            return owner
-        frame = frame.f_back
-    return None
-
-
-def _op_runner() -> Callable[[Callable[..., Any], Any, dict[str, Any]], Any]:
-    # A warning that torch raises in C++ (vmap's "performance drop" fallback ...) is
-    # reported at the innermost Python frame. For every op under exact_norms that is the
-    # frame that runs it: so that torch's message is not reported at a line of
-    # fparams, ops run from this one-line function, compiled under a name of its own.
-    source = "def run_op(func, args, kwargs):\n    return func(*args, **kwargs)\n"
-    namespace: dict[str, Any] = {}
-    exec(compile(source, "<torch op, run under fparams.exact_norms>", "exec"), namespace)
-    runner: Callable[[Callable[..., Any], Any, dict[str, Any]], Any] = namespace["run_op"]
-    return runner
-
-
-#: ``run_op(func, args, kwargs)``: ``func(*args, **kwargs)`` from a frame outside fparams.
-run_op = _op_runner()
 # --- tasks ---
 # fparams._tasks: which vmap errors and warnings are vmap's own limits (the
 # loop runs what they stop), autograd's version counters and a graph walk.
 # Where torch rewords a message, its error surfaces unexplained and ``"auto"``
 # does not demote (never a wrong answer, at worst a lost speed-up).
-
-
-def unbatchable_op(err: BaseException, batch_sizes: Sequence[int] = ()) -> Optional[str]:
-    """The op a vmap error names, where the error is a KNOWN vmap limitation (the loop runs it).
-
-    Only vmap's own refusals count: a missing batching rule without a
-    fallback, ``.item()`` or data-dependent control flow, ``.data`` of a fused
-    recurrent kernel, a data-dependent output shape, and an in-place write
-    whose output lacks exactly the task dimension (its broadcast shape is the
-    output's with one of ``batch_sizes`` in front: per task, the shapes
-    match). Any other error (a user's shape or broadcast error, which the loop
-    would raise as well) gives None and reaches the user unchanged.
-    """
-    text = str(err)
-    if _lacks_only_the_task_dim(text, batch_sizes):  # e.g. a fused RNN kernel's decomposition under grad
-        return "an in-place op whose output has no task dimension"
-    if "Batching rule not implemented" in text or "fallback path doesn't work" in text:
-        found = re.search(r"aten::\w+(\.\w+)?", text)
-        return found.group(0) if found else "an op without a batching rule"
-    if "calling .item() on a Tensor" in text or "data-dependent control flow" in text:
-        return ".item() or data-dependent control flow"
-    if "accessing `data` under vmap" in text:  # older torch's recurrent layers
-        return "an op that reads .data (a recurrent layer's fused kernel)"
-    if "batching operators that can output dynamic shape" in text:
-        return "an op whose output shape depends on the data"
-    return None
-
-
-_BROADCAST = re.compile(r"output with shape \[([\d, ]*)\] doesn't match the broadcast shape \[([\d, ]*)\]")
-
-
-def _lacks_only_the_task_dim(text: str, batch_sizes: Sequence[int]) -> bool:
-    found = _BROADCAST.search(text)
-    if found is None:
-        return False
-    out, wanted = ([int(d) for d in g.split(",") if d.strip()] for g in found.groups())
-    return len(wanted) == len(out) + 1 and wanted[1:] == out and wanted[0] in batch_sizes
-
-
-def is_random_op_error(err: BaseException) -> bool:
-    """vmap with ``randomness="error"`` met a random op."""
-    return "called random operation while in randomness error mode" in str(err)
-
-
-#: The start of torch's warning where vmap runs an op through its slow per-example fallback.
-_SLOW_FALLBACK = "There is a performance drop because we have not yet implemented the batching rule for"
-
-
-def slow_fallback_op(message: object) -> Optional[str]:
-    """The op of torch's "performance drop" warning (vmap's per-example fallback), or None."""
-    text = str(message)
-    if not text.startswith(_SLOW_FALLBACK):
-        return None
-    found = re.search(r"aten::[\w.]+?(?=\.?\s|\.$|$)", text)
-    return found.group(0) if found else "an op without a batching rule"
-
-
-class SlowFallback(RuntimeError):
-    """Raised in place of torch's "performance drop" warning inside :func:`slow_fallback_raises`."""
-
-
-@contextlib.contextmanager
-def slow_fallback_raises() -> Iterator[None]:
-    """Turn torch's slow-fallback warning into an exception for a block (``"auto"`` then loops).
-
-    The warning reaches Python when the op returns, so the block stops right
-    after that op. Other warnings keep their filters.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=re.escape(_SLOW_FALLBACK))
-        try:
-            yield
-        except UserWarning as err:
-            op = slow_fallback_op(err)
-            if op is None:
-                raise
-            raise SlowFallback(op) from None
-
-
-@contextlib.contextmanager
-def slow_fallback_recorded(found: List[str]) -> Iterator[None]:
-    """Collect the ops of torch's slow-fallback warnings in ``found``; other warnings pass on."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield
-    finally:
-        for w in caught:
-            op = slow_fallback_op(w.message)
-            if op is not None:
-                found.append(op)
-            else:  # re-issued under the caller's filters
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _probe_versions() -> bool:
@@ -592,54 +400,30 @@ def dynamo_frames() -> int:
 
 #: ``torch.utils._pytree`` under a name that ``mypy --strict`` sees as exported.
 trees = pytree
-# --- arch ---
-# -- ops without a double backward (``_kernels`` names them in its error) --------------------------
-# Where an op's backward has no derivative of its own, torch records a ``NotImplemented``
-# node in a gradient's graph (create_graph=True); calling that node raises torch's error,
-# whose text names the op. A few ops (cdist, pdist) record a formula node that raises
-# instead. Where these names or that text change, the walk finds fewer ops (or names "an
-# op") and torch's own error surfaces at the outer backward, unexplained.
-
-_NOT_IMPLEMENTED_NODE = "torch::autograd::NotImplemented"
-#: Formula nodes whose double backward is ``not_implemented`` in torch's derivatives.yaml.
-_RAISING_NODES = {
-    "CdistBackwardBackward0": "aten::_cdist_backward",
-    "PdistBackwardBackward0": "aten::_pdist_backward",
-}
-_OP_IN_TEXT = re.compile(r"derivative for (?:aten::)?'?([A-Za-z0-9_.]+)'? is not implemented")
 
 
-def _node_op(node: Any) -> str:
-    """The aten op a ``NotImplemented`` node stands for, read from the error it raises."""
-    try:
-        metas = node._input_metadata
-        node(*(torch.zeros(m.shape, dtype=m.dtype, device=m.device) for m in metas))
-    except RuntimeError as err:
-        found = _OP_IN_TEXT.search(str(err))
-        if found:
-            return "aten::" + found.group(1)
-    except Exception:  # pragma: no cover - depends on the torch version
-        pass
-    return "an op"  # pragma: no cover - depends on the torch version
-
-
-def ops_without_double_backward(tensors: Iterable[Any]) -> list[str]:
-    """The ops in the graphs of ``tensors`` whose backward has no derivative, sorted.
-
-    One walk over the nodes reachable from the tensors' ``grad_fn``, each node once.
-    """
-    stack = [t.grad_fn for t in tensors if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    seen = set()
-    found = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        name = node.name()
-        if name == _NOT_IMPLEMENTED_NODE:
-            found.add(_node_op(node))
-        elif name in _RAISING_NODES:
-            found.add(_RAISING_NODES[name])
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return sorted(found)
+# The rest of the torch internals, by kind: imported last, since they use the probes above.
+from .frames import (
+    UNKNOWN_CALLER as UNKNOWN_CALLER,
+    _getframe as _getframe,
+    caller_self as caller_self,
+    calling_module as calling_module,
+    run_op as run_op,
+)
+from .graph import (
+    _node_op as _node_op,
+    ops_without_double_backward as ops_without_double_backward,
+)
+from .texts import (
+    SlowFallback as SlowFallback,
+    is_captured_update_error as is_captured_update_error,
+    is_compile_error as is_compile_error,
+    is_nonscalar_grad_error as is_nonscalar_grad_error,
+    is_random_op_error as is_random_op_error,
+    is_shared_stats_error as is_shared_stats_error,
+    is_vmap_error as is_vmap_error,
+    slow_fallback_op as slow_fallback_op,
+    slow_fallback_raises as slow_fallback_raises,
+    slow_fallback_recorded as slow_fallback_recorded,
+    unbatchable_op as unbatchable_op,
+)
