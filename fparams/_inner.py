@@ -72,8 +72,8 @@ class AdaptedState(NamedTuple):
         >>> loss = lambda p: (p["w"] ** 2).sum()
         >>> opt = fparams.optim.adam(0.1)
         >>> fast, state = fparams.adapt(loss, {"w": torch.ones(1)}, lr=opt, return_state=True)
-        >>> state.adam.step
-        tensor(1)
+        >>> state.adam.step  # per parameter, as torch.optim counts
+        {'w': tensor(1)}
     """
 
     params: Params
@@ -163,10 +163,10 @@ def adapt(
         True
         >>> out = fparams.adapt(mse, params, x, y, lr=fparams.optim.adam(0.1), steps=2, return_state=True)
         >>> out.state.adam.step
-        tensor(2)
+        {'weight': tensor(2), 'bias': tensor(2)}
         >>> fast, state = fparams.adapt(mse, out.params, x, y, lr=fparams.optim.adam(0.1), state=out.state,
         ...                             return_state=True)
-        >>> state.adam.step
+        >>> state.adam.step["weight"]
         tensor(3)
     """
     options = _Options(steps, first_order, filter, buffers, checkpoint, has_aux, return_state, state, batches)
