@@ -122,3 +122,8 @@ def public(name: str) -> Callable[[F], F]:
         return call  # type: ignore[return-value]
 
     return decorate
+
+
+# Shown as ``fparams.FparamsValueError`` in tracebacks (and pickled by that public path).
+for _kind in (FparamsError, FparamsTypeError, FparamsValueError, FparamsRuntimeError):
+    _kind.__module__ = "fparams"

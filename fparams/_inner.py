@@ -23,7 +23,7 @@ from ._inner_step import Carry, Usage, checkpointed_body, grad_fn, label, one_st
 from ._norms import innermost_exact_norms
 from ._rates import PerStepState, as_transformation, is_optimizer
 from ._torch_compat import is_compiling
-from ._transforms import partition
+from ._transforms import _partition
 from ._types import Filter, Params, TensorDict
 from .optim import GradientTransformation, OptState
 
@@ -31,7 +31,7 @@ __all__ = ["Adapted", "AdaptedAux", "AdaptedState", "adapt", "is_optimizer"]
 
 
 class Adapted(NamedTuple):
-    """What ``adapt(..., has_aux=True, return_state=True)`` returns: ``fast, aux, state = ...``.
+    """What ``adapt(..., has_aux=True, return_state=True)`` returns: unpack it as ``fast, aux, state``.
 
     Examples:
         >>> import torch, fparams
@@ -51,7 +51,7 @@ class Adapted(NamedTuple):
 
 
 class AdaptedAux(NamedTuple):
-    """What ``adapt(..., has_aux=True)`` returns: ``fast, aux = ...`` (or ``.params``, ``.aux``).
+    """What ``adapt(..., has_aux=True)`` returns: unpack it as ``fast, aux`` (or ``.params``, ``.aux``).
 
     Examples:
         >>> import torch, fparams
@@ -65,7 +65,7 @@ class AdaptedAux(NamedTuple):
 
 
 class AdaptedState(NamedTuple):
-    """What ``adapt(..., return_state=True)`` returns: ``fast, state = ...`` (or ``.params``, ``.state``).
+    """What ``adapt(..., return_state=True)`` returns: unpack it as ``fast, state`` (or ``.params``, ``.state``).
 
     Examples:
         >>> import torch, fparams
@@ -261,7 +261,7 @@ def _check_call(loss_fn: Any, params: Any, args: Tuple[Any, ...], o: _Options) -
 def _select(params: TensorDict, filter: Optional[Filter]) -> Tuple[Params, Params]:
     """``(trainable, frozen)``: ``filter``'s choice, else the params that require grad."""
     if filter is not None:
-        trainable, frozen = partition(params, filter)
+        trainable, frozen = _partition(params, filter)
         if not trainable:
             raise FparamsValueError("`filter` selects no parameter, so nothing would adapt.")
         return _floating(trainable), frozen

@@ -18,7 +18,7 @@ from .._errors import FparamsTypeError, FparamsValueError, public
 from .._inner import adapt as _unrolled_adapt
 from .._kernels import second_order_kernels
 from .._norms import exact_norms, innermost_exact_norms
-from .._transforms import partition
+from .._transforms import _partition
 from .._types import LR, Filter, Params, TensorDict
 from .root import check_solve, root_decorator
 from .solvers import cg
@@ -174,7 +174,7 @@ def adapt(
     _check_inputs(loss_fn, params, lam, steps, solve)
     if not params:
         raise FparamsValueError("`params` is an empty dict: there is nothing to adapt.")
-    trainable, frozen = partition(params, filter) if filter is not None else (dict(params), {})
+    trainable, frozen = _partition(params, filter) if filter is not None else (dict(params), {})
     if not trainable:
         raise FparamsValueError("`filter` selects no parameter, so nothing would adapt.")
     lr = _checked_lr(lr, trainable, params)
