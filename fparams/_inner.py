@@ -65,7 +65,9 @@ class AdaptedAux(NamedTuple):
 
 
 class AdaptedState(NamedTuple):
-    """What ``adapt(..., return_state=True)`` returns: unpack it as ``fast, state`` (or ``.params``, ``.state``).
+    """What ``adapt(..., return_state=True)`` returns: unpack it as ``fast, state``.
+
+    The fields are also named: ``.params`` and ``.state``.
 
     Examples:
         >>> import torch, fparams

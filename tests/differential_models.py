@@ -36,8 +36,7 @@ FAMILIES = (
     "tied",
     "conv_batchnorm",
     "instancenorm",
-    "rmsnorm",
-)
+) + (("rmsnorm",) if hasattr(nn, "RMSNorm") else ())  # nn.RMSNorm is new in torch 2.4
 #: Families torch's vmap cannot run (no batching rule): only the loop and "auto" apply.
 LOOP_ONLY = frozenset({"gru"})
 #: Families whose loss depends on the batch's statistics (rows are not independent).

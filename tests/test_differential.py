@@ -26,6 +26,7 @@ hypothesis rejects exactly those draws, and a plain test reproducing each
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import re
@@ -38,8 +39,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, event, given, note, settings, strategies as st
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fparams
+from fparams._torch_compat import SAVED_HOOKS_UNDER_VMAP
 from tests import differential_models as dm
 
 # --------------------------------------------------------------------------
@@ -554,11 +557,15 @@ def test_learn2learn_classes_match_plain_autograd(case: Case, data: Any) -> None
     meta["net"] = dict(net.named_parameters())  # the module's own leaves receive the meta-gradient
     algo = learner_for(kind, case, net, meta)
     losses = []
-    for (xs, ys), (xq, yq) in zip(d.support, d.query):
-        learner = algo.clone()
-        for _ in range(case.steps):
-            learner.adapt(dm.mse(learner(xs), ys))
-        losses.append(dm.mse(learner(xq), yq))
+    # The learner runs the user's own forward, where fparams cannot choose the attention kernel:
+    # a second-order step needs the math kernel, as MAML.adapt's error tells the user
+    # (test_kernels checks that error).
+    with sdpa_kernel(SDPBackend.MATH) if case.family == "attention" else contextlib.nullcontext():
+        for (xs, ys), (xq, yq) in zip(d.support, d.query):
+            learner = algo.clone()
+            for _ in range(case.steps):
+                learner.adapt(dm.mse(learner(xs), ys))
+            losses.append(dm.mse(learner(xq), yq))
     torch.autograd.backward(torch.stack(losses).mean())
     assert_exact(torch.stack(losses).detach(), want_losses)
     for name, t, w in zip(leaf_names(meta), leaves(meta), want_grads):
@@ -951,6 +958,11 @@ def compiled_run(
     return losses, fast, leaves(tree)
 
 
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4),
+    reason="torch 2.3's dynamo fails where a task under vmap has a graph break (these tasks have some); "
+    "fparams.compile reports dynamo's error without re-running the function",
+)
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @examples("compile")
 @given(case=cases(COMPILE_FAMILIES, routes=COMPILE_ROUTES), data=st.data())
@@ -985,7 +997,10 @@ def _mlp_case(route: str, tasks: int = 2, **options: Any) -> Tuple[Case, Data, D
     "family, route, what",
     [(f, r, w) for f in ("mlp",) for r in ("direct", "map:loop", "map:vmap", "map:chunked")
      for w in ("support", "param", "rate")]
-    + [pytest.param("batchnorm_eval", r, "buffer", marks=known_defect("checkpoint-captured-buffer"))
+    # where torch refuses saved-tensor hooks under vmap (torch 2.3) checkpoint=True does not
+    # recompute there, so torch's own in-place check catches the buffer: no defect to show
+    + [pytest.param("batchnorm_eval", r, "buffer",
+                    marks=known_defect("checkpoint-captured-buffer") if SAVED_HOOKS_UNDER_VMAP else ())
        for r in ("map:vmap", "map:chunked")],
 )  # fmt: skip
 def test_checkpointed_adapt_detects_inplace_change(family: str, route: str, what: str) -> None:

@@ -23,6 +23,8 @@ SCRIPT = textwrap.dedent(
               (torch.overrides, "_get_current_function_mode"), (bn, "_BatchNorm")]
     hidden += [(sys, "_getframe")]  # --- implicit --- (exact_norms' batch counter, layer names)
     saved = [(owner, name, getattr(owner, name)) for owner, name in hidden]
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        import torch._dynamo  # torch's own import (fparams makes it on torch 2.3) needs sys._getframe
     if sys.argv[1] == "without":
         for owner, name in hidden:
             delattr(owner, name)

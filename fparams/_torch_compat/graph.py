@@ -25,10 +25,17 @@ _OP_IN_TEXT = re.compile(r"derivative for (?:aten::)?'?([A-Za-z0-9_.]+)'? is not
 
 
 def _node_op(node: Any) -> str:
-    """The aten op a ``NotImplemented`` node stands for, read from the error it raises."""
+    """The aten op a ``NotImplemented`` node stands for, read from the error it raises.
+
+    The node raises before it looks at its inputs, so any tensors of the right count do;
+    torch before 2.4 has no ``_input_metadata`` and says the count in a ``TypeError``.
+    """
     try:
-        metas = node._input_metadata
-        node(*(torch.zeros(m.shape, dtype=m.dtype, device=m.device) for m in metas))
+        metas = getattr(node, "_input_metadata", None)
+        if metas is not None:
+            node(*(torch.zeros(m.shape, dtype=m.dtype, device=m.device) for m in metas))
+        else:
+            node(*[torch.zeros(())] * _arity(node))
     except RuntimeError as err:
         found = _OP_IN_TEXT.search(str(err))
         if found:
@@ -36,6 +43,22 @@ def _node_op(node: Any) -> str:
     except Exception:  # pragma: no cover - depends on the torch version
         pass
     return "an op"  # pragma: no cover - depends on the torch version
+
+
+_ARITY_IN_TEXT = re.compile(r"expected (\d+) arguments?")
+
+
+def _arity(node: Any) -> int:
+    """How many gradients ``node`` takes, from the ``TypeError`` a call with none raises."""
+    try:
+        node()
+    except TypeError as err:
+        found = _ARITY_IN_TEXT.search(str(err))
+        if found:
+            return int(found.group(1))
+    except RuntimeError:  # it took no inputs and raised its own error: call it again with none
+        return 0
+    return 0  # pragma: no cover - depends on the torch version
 
 
 def ops_without_double_backward(tensors: Iterable[Any]) -> list[str]:
