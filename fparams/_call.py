@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Any, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from ._checks import check_dict, check_instance, check_tensors, key_mismatch
 from ._errors import FparamsError, FparamsValueError, public, user_frames
 from ._state import rebuild, state_dicts
-from ._torch_compat import check_module_slots, is_compiling, refresh_rnn
+from ._torch_compat import check_module_slots, is_compiling, refresh_rnn, version
 from ._types import Buffers, Params, TensorDict
 
 #: One lock per module, shared by every Architecture over it (a module split twice).
@@ -37,6 +38,50 @@ def _module_lock(module: nn.Module) -> threading.RLock:
 
 
 _FULL_TRACEBACKS = bool(os.environ.get("FPARAMS_FULL_TRACEBACKS"))
+
+class BufferRead(NamedTuple):
+    """A module buffer that a call read from its module: the tensor, its name, version and value then."""
+
+    tensor: Tensor
+    name: str
+    version: int
+    value: Tensor
+
+
+#: A thread's record of module buffers read, each once: ``id(tensor) -> BufferRead``.
+Reads = Dict[int, BufferRead]
+#: Per thread: where calls that read their module's own buffers (``buffers=None``) note them.
+_READS = threading.local()
+
+
+@contextmanager
+def module_reads() -> Iterator[Reads]:
+    """Within: every :class:`Architecture` call that uses its module's own buffers notes them.
+
+    A checkpointed step (``adapt(checkpoint=True)``) needs them to recompute
+    exactly: a buffer the step only read (an eval-mode BatchNorm's running
+    statistics) is watched like its inputs, so an in-place change before the
+    recomputation raises; a buffer the step updated in place (a train-mode
+    BatchNorm's) is set back to its value at the first read for the
+    recomputation and restored afterwards, so it is neither read wrong nor
+    updated twice.
+    """
+    outer = getattr(_READS, "log", None)
+    log: Reads = {}
+    _READS.log = log
+    try:
+        yield log
+    finally:
+        _READS.log = outer
+        if outer is not None:
+            for key, read in log.items():
+                outer.setdefault(key, read)
+
+
+def _note_module_buffers(module: nn.Module, names: FrozenSet[str], log: Reads) -> None:
+    for name, t in module.named_buffers():
+        if name in names and id(t) not in log:
+            log[id(t)] = BufferRead(t, name, version(t), t.detach().clone())
 
 
 def _named(err: FparamsError) -> FparamsError:
@@ -150,6 +195,10 @@ class Architecture:
             compiling = is_compiling()
             if compiling:  # a lock would break the graph; compiled code is traced, not raced
                 return self._call(params, buffers, args, kwargs, compiling)
+            if buffers is None and self.buffer_names:
+                log = getattr(_READS, "log", None)
+                if log is not None:
+                    _note_module_buffers(self.module, self.buffer_names, log)
             with self._lock:
                 return self._call(params, buffers, args, kwargs, compiling)
         except FparamsError as err:

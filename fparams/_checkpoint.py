@@ -48,6 +48,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ._call import module_reads
 from ._errors import FparamsRuntimeError
 from ._grads import grad_route
 from ._torch_compat import FUNCTORCH, batched_at, trees as pytree, version
@@ -104,10 +105,25 @@ class _Region:
         self.devices = sorted({t.device for t in pytree.tree_leaves(args) if isinstance(t, Tensor)}, key=str)
         self.rng = _rng_state(self.devices)
         self.slots: List[weakref.ReferenceType[_Saved]] = []
+        #: module buffers the step updated in place, with their values before it
+        self.updated: List[Tuple[Tensor, Tensor]] = []
+        #: module buffers the step only read: each with its name, version and the values it read
+        self.read_only: List[Tuple[Tensor, str, int, Tensor]] = []
 
     def run(self, buffers: Any) -> Any:
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack), module_reads() as reads:
             out = self.fn(*self.args, buffers)
+        # Buffers an architecture read from its module: the ones the step only read are inputs;
+        # the ones it updated in place are state, put back as they were for the recomputation.
+        # (torch's BatchNorm updates its running statistics without bumping their versions: values
+        # tell.) The values are kept: module buffers are small next to a step's activations.
+        known = {id(t) for t, _ in self.inputs}
+        for key, read in reads.items():
+            if version(read.tensor) != read.version or not torch.equal(read.tensor, read.value):
+                self.updated.append((read.tensor, read.value))
+            elif key not in known:
+                label = f"the module's buffer {read.name!r} (read from the module, not passed as buffers=)"
+                self.read_only.append((read.tensor, label, read.version, read.value))
         # after the run: a change the step made itself is part of what it computed
         self.versions = [version(t) for t, _ in self.inputs]
         for ref in self.slots:
@@ -133,11 +149,18 @@ class _Region:
         for (t, label), before in zip(self.inputs, self.versions):
             if version(t) != before:
                 raise _changed_error(label, before, version(t))
+        for t, label, before, value in self.read_only:  # values too: BatchNorm bumps no versions
+            if version(t) != before:
+                raise _changed_error(label, before, version(t))
+            if not torch.equal(t, value):
+                raise _changed(label, "its values differ from those the step read", "torch may not notice")
         labels = {id(t): label for t, label in self.inputs}
+        labels.update((id(t), label) for t, label, _, _ in self.read_only)
+        state = {id(t) for t, _ in self.updated}  # updated by the steps themselves, put back
         for ref in self.slots:  # every other tensor the step saved that is still alive
             saved = ref()
             source = None if saved is None or saved.source is None else saved.source()
-            if source is not None and saved is not None and saved.version >= 0:
+            if source is not None and saved is not None and saved.version >= 0 and id(source) not in state:
                 if version(source) != saved.version:
                     label = labels.get(
                         id(source),
@@ -166,12 +189,23 @@ class _Region:
             return _Saved(tensor)  # the recomputation's own graph needs it too
 
         buffers = None if self.buffers is None else {k: t.clone() for k, t in self.buffers.items()}
+        now = [t.detach().clone() for t, _ in self.updated]
         with torch.random.fork_rng(devices=[d for d in self.devices if d.type == "cuda"]):
             _set_rng_state(self.rng)
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack_own):
-                self.fn(*self.args, buffers)
+            try:
+                _assign(self.updated)  # as the step found them
+                with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _unpack_own):
+                    self.fn(*self.args, buffers)
+            finally:
+                _assign([(t, value) for (t, _), value in zip(self.updated, now)])  # not updated twice
         if index != len(self.slots):
             raise _replay_error(f"saved {index} tensors where its first run saved {len(self.slots)}")
+
+
+def _assign(pairs: Sequence[Tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for t, value in pairs:
+            t.copy_(value)
 
 
 def _unpack_own(saved: _Saved) -> Tensor:
@@ -216,12 +250,16 @@ def check_checkpoint(route: str) -> None:
 
 
 def _changed_error(label: str, before: int, now: int) -> FparamsRuntimeError:
+    how = f"its version went from {before} to {now}"
+    return _changed(label, how, "torch then raises its own in-place error")
+
+
+def _changed(label: str, how: str, torch_does: str) -> FparamsRuntimeError:
     return FparamsRuntimeError(
         f"{label}, an input of an inner step run with checkpoint=True, was changed in "
-        f"place after the step ran (its version went from {before} to {now}), so the "
-        f"backward pass would differentiate other values than the step used. Change it "
-        f"after the backward pass, change a copy (x.clone()), or pass checkpoint=False "
-        f"(torch then raises its own in-place error).",
+        f"place after the step ran ({how}), so the backward pass would differentiate other "
+        f"values than the step used. Change it after the backward pass, change a copy "
+        f"(x.clone()), or pass checkpoint=False ({torch_does}).",
         function="adapt",
     )
 

@@ -345,3 +345,64 @@ def _check_unrecomputed_steps_under_vmap(what: str) -> None:
         assert "modified by an inplace operation" in str(err)
         return
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+# -- buffers an architecture reads from its module (not passed as buffers=) ------------------
+
+
+def _bn_meta_loss(
+    train: bool, checkpoint: bool, query: bool = True
+) -> Tuple[Tensor, nn.Module, Dict[str, Tensor]]:
+    """A meta-loss through 3 steps on a BatchNorm net whose statistics stay in the module.
+
+    ``query=False``: the loss reads only the adapted params (only the steps read the buffers).
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    net.train(train)
+    arch, params, _ = fparams.split(net)
+    mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()  # noqa: E731
+    x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+    fast = fparams.adapt(mse, params, x, y, lr=0.1, steps=3, checkpoint=checkpoint)
+    loss = mse(fast, x, y) if query else sum(t.pow(2).sum() for t in fast.values())
+    return loss, net, params
+
+
+def test_running_statistics_the_steps_update_are_not_updated_again_by_the_recomputation() -> None:
+    # Before: the recomputation ran each train-mode step again on the module's own BatchNorm,
+    # so after backward num_batches_tracked was 7 instead of 4 and the running statistics moved.
+    plain, plain_net, plain_params = _bn_meta_loss(train=True, checkpoint=False)
+    want = torch.autograd.grad(plain, list(plain_params.values()))
+    loss, net, params = _bn_meta_loss(train=True, checkpoint=True)
+    got = torch.autograd.grad(loss, list(params.values()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for (name, t), (_, w) in zip(net.named_buffers(), plain_net.named_buffers()):
+        torch.testing.assert_close(t, w, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+    assert int(net.get_buffer("1.num_batches_tracked")) == 4  # three steps and the query pass
+
+
+def test_a_module_buffer_changed_in_place_before_backward_raises() -> None:
+    loss, net, _ = _bn_meta_loss(train=False, checkpoint=True, query=False)
+    with torch.no_grad():
+        net.get_buffer("1.running_var").add_(0.5)
+    with pytest.raises(fparams.FparamsRuntimeError, match=re.escape(
+        "fparams.adapt: the module's buffer '1.running_var' (read from the module, not passed as "
+        "buffers=), an input of an inner step run with checkpoint=True, was changed in place after "
+        "the step ran (its version went from"
+    )):
+        loss.backward()
+
+
+def test_running_statistics_moved_by_a_train_mode_forward_before_backward_raise() -> None:
+    # torch's BatchNorm updates its running statistics without bumping their version counters,
+    # so torch itself does not notice; fparams compares the values the step read.
+    loss, net, _ = _bn_meta_loss(train=False, checkpoint=True)
+    net.train()
+    net(torch.randn(5, 2, dtype=torch.float64))
+    with pytest.raises(fparams.FparamsRuntimeError, match=re.escape(
+        "fparams.adapt: the module's buffer '1.running_mean' (read from the module, not passed as "
+        "buffers=), an input of an inner step run with checkpoint=True, was changed in place after "
+        "the step ran (its values differ from those the step read)"
+    )):
+        loss.backward()

@@ -42,7 +42,6 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fparams
-from fparams._torch_compat import SAVED_HOOKS_UNDER_VMAP
 from tests import differential_models as dm
 
 # --------------------------------------------------------------------------
@@ -87,10 +86,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:User
 
 #: key -> the issue item it reproduces. Remove an entry once its plain test XPASSes.
 KNOWN_DEFECTS: Dict[str, str] = {
-    "checkpoint-captured-buffer": (
-        "checkpoint=True on the vmap route: an in-place change, before backward, of a buffer the "
-        "architecture reads from its module (not passed as buffers=) is not detected"
-    ),
     "norm-third-order": (
         "torch 2.13: torch's batch_norm (train), layer_norm and instance_norm have wrong "
         "third derivatives; routes that run them natively differentiate an attached meta-gradient wrongly"
@@ -98,7 +93,8 @@ KNOWN_DEFECTS: Dict[str, str] = {
 }
 #: Fixed, their plain tests now pass (a draw that reproduces one is checked again): issue 16
 #: items 1, 3, 6 and 7 ("checkpoint-inplace", "stats-after-no-norm", "imaml-bn-vmap",
-#: "bn-one-row"), "imaml-stats-under-func-grad", and issue 17 item 1 ("attention-second-order").
+#: "bn-one-row"), "imaml-stats-under-func-grad", issue 17 item 1 ("attention-second-order"), and
+#: "checkpoint-captured-buffer" (a buffer the architecture reads from its module).
 
 
 def known_defect(key: str) -> pytest.MarkDecorator:
@@ -848,13 +844,7 @@ MUTATION_ROUTES = ("map:vmap", "map:loop", "map:chunked", "map:auto", "direct")
 
 
 def classify_mutation(case: Case, what: str) -> Optional[str]:
-    key = classify(case)
-    if key is not None:
-        return key
-    # every route: the loop's autograd and (found here) vmap's, which issue 16 thought raised
-    recorded = case.checkpoint and not case.first_order and case.steps > 0
-    vmapped = case.route in ("map:vmap", "map:chunked")
-    return "checkpoint-captured-buffer" if recorded and vmapped and what == "buffer" else None
+    return classify(case)  # every in-place change is now detected or harmless (none is known)
 
 
 def forward_then_mutate(case: Case, d: Data, meta: Dict[str, Any], what: str, name: str) -> Tensor:
@@ -997,11 +987,7 @@ def _mlp_case(route: str, tasks: int = 2, **options: Any) -> Tuple[Case, Data, D
     "family, route, what",
     [(f, r, w) for f in ("mlp",) for r in ("direct", "map:loop", "map:vmap", "map:chunked")
      for w in ("support", "param", "rate")]
-    # where torch refuses saved-tensor hooks under vmap (torch 2.3) checkpoint=True does not
-    # recompute there, so torch's own in-place check catches the buffer: no defect to show
-    + [pytest.param("batchnorm_eval", r, "buffer",
-                    marks=known_defect("checkpoint-captured-buffer") if SAVED_HOOKS_UNDER_VMAP else ())
-       for r in ("map:vmap", "map:chunked")],
+    + [("batchnorm_eval", r, "buffer") for r in ("direct", "map:loop", "map:vmap", "map:chunked")],
 )  # fmt: skip
 def test_checkpointed_adapt_detects_inplace_change(family: str, route: str, what: str) -> None:
     # issue 16 item 1: a loader refilling xs, an optimizer step on a parameter or a learned
