@@ -273,3 +273,36 @@ def test_vmap_sizes_cover_every_chunk() -> None:
     assert vmap_sizes("chunked", 5, 2) == (2, 1)
     assert vmap_sizes("chunked", 4, 2) == (2,)
     assert vmap_sizes("chunked", 3, 8) == (3, 3)
+
+
+# -- "auto" from the shapes: compute-bound models loop (issue 17 item 2) ------------------------
+
+
+@pytest.mark.parametrize(
+    "out, randomness, calls",
+    [(1024, "error", 3), (512, "error", 1), (1024, "different", 1)],
+    ids=["1.05M-params-loop", "0.52M-params-vmap", "random-draws-stay-vmap"],
+)
+def test_auto_loops_over_the_tasks_of_a_model_with_a_million_parameters(
+    out: int, randomness: str, calls: int
+) -> None:
+    # ConvNeXt with 2M params ran 2.2x slower under vmap than in the loop, on tiny tasks
+    # (benchmarks/bench_convnext.py), and "auto" chose vmap from the data's size alone.
+    arch, params, _ = fparams.split(nn.Linear(1024, out))
+    seen: List[int] = []
+
+    def task(p: Params, x: Tensor) -> Tensor:
+        seen.append(1)  # once under vmap, once per task in the loop
+        return arch(p, x).sum()
+
+    fparams.map_tasks(task, randomness=randomness)(params, torch.randn(3, 2, 1024))  # type: ignore[arg-type]
+    assert len(seen) == calls
+
+
+def test_choose_strategy_thresholds() -> None:
+    from fparams._tasks import LOOP_FROM_NUMEL, LOOP_FROM_PARAMS, choose_strategy
+
+    assert choose_strategy(8, LOOP_FROM_NUMEL - 1, LOOP_FROM_PARAMS - 1) == "vmap"
+    assert choose_strategy(8, LOOP_FROM_NUMEL, 0) == "loop"
+    assert choose_strategy(8, 0, LOOP_FROM_PARAMS) == "loop"
+    assert choose_strategy(1, 0, 0) == "loop"

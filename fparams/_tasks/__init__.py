@@ -11,10 +11,19 @@ from .batching import pad_tasks, stack_tasks
 from .fallback import VmapFallbackWarning
 from .map import MappedTasks, map_tasks
 from .meta_grad import MetaStep, meta_value_and_grad
-from .plan import LOOP_FROM_NUMEL, UNBATCHABLE_PARAM, Randomness, Strategy, choose_strategy, plan
+from .plan import (
+    LOOP_FROM_NUMEL,
+    LOOP_FROM_PARAMS,
+    UNBATCHABLE_PARAM,
+    Randomness,
+    Strategy,
+    choose_strategy,
+    plan,
+)
 
 __all__ = [
     "LOOP_FROM_NUMEL",
+    "LOOP_FROM_PARAMS",
     "UNBATCHABLE_PARAM",
     "MappedTasks",
     "MetaStep",

@@ -11,9 +11,11 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from torch import Tensor
+
 from .._checks import check_callable, check_choice, check_flag, check_int
 from .._errors import FparamsValueError
-from .._torch_compat import is_compiling
+from .._torch_compat import is_compiling, tree_leaves
 from .batching import task_numel
 
 #: How the tasks run: one vmap, a Python loop, vmap over chunks, or chosen per call.
@@ -29,6 +31,14 @@ RANDOMNESS: Tuple[str, ...] = ("error", "different", "same")
 #: ``"auto"`` loops over tasks whose largest tensor argument has at least this
 #: many elements (see :func:`choose_strategy`).
 LOOP_FROM_NUMEL = 1 << 14
+
+#: ``"auto"`` also loops where the params hold at least this many elements (a
+#: ResNet-12 of width 32 or a ConvNeXt): every op of such a model is
+#: compute-bound, and vmap's batching rules for per-task weights (grouped
+#: convolutions and their double backward) cost more than the loop's plain ops
+#: (``benchmarks/bench_convnext.py``: ConvNeXt with 2M params, vmap 2.2x the
+#: loop; 7.9M, 3.2x; ResNet-12 with 0.78M, 0.96x; 3.1M, 1.28x).
+LOOP_FROM_PARAMS = 1 << 20
 
 #: Parameter names of layers that vmap cannot run (torch 2.13): the recurrent
 #: layers' fused kernels (``aten::gru.input``, ``lstm``, ``rnn_tanh``) and
@@ -87,25 +97,34 @@ class AutoMemory:
         self.ran = False
 
 
-def choose_strategy(num_tasks: int, task_numel: int = 0) -> Chosen:
+def choose_strategy(num_tasks: int, task_numel: int = 0, param_numel: int = 0) -> Chosen:
     """The ``"auto"`` strategy from the shapes: vmap for many small tasks, a loop otherwise.
 
     ``task_numel`` is the element count of one task's largest tensor
-    argument (0 when unknown). The loop is chosen for a single task, and when
-    ``task_numel >= LOOP_FROM_NUMEL`` (16384, e.g. 20 images of 28x28): such
-    tasks are compute-bound, so vmap has no per-op overhead left to save,
-    while its batching rules for per-task weights (grouped convolutions and
-    their double backward) cost more than the plain ops the loop runs. The
-    threshold comes from ``benchmarks/bench_tasks.py`` (README, Performance).
+    argument and ``param_numel`` the params' (0 when unknown). The loop is
+    chosen for a single task, when ``task_numel >= LOOP_FROM_NUMEL`` (16384,
+    e.g. 20 images of 28x28), and when ``param_numel >= LOOP_FROM_PARAMS``
+    (about a million): such tasks are compute-bound, so vmap has no per-op
+    overhead left to save, while its batching rules for per-task weights
+    (grouped convolutions and their double backward) cost more than the plain
+    ops the loop runs. The thresholds come from ``benchmarks/bench_tasks.py``
+    and ``benchmarks/bench_convnext.py`` (docs/guides/performance.md).
 
     Examples:
         >>> from fparams._tasks.plan import choose_strategy
         >>> choose_strategy(25, 10), choose_strategy(1), choose_strategy(4, 1 << 20)
         ('vmap', 'loop', 'loop')
+        >>> choose_strategy(4, 3840, param_numel=2_000_000)  # a ConvNeXt on 16x16 images
+        'loop'
     """
-    if num_tasks == 1 or task_numel >= LOOP_FROM_NUMEL:
+    if num_tasks == 1 or task_numel >= LOOP_FROM_NUMEL or param_numel >= LOOP_FROM_PARAMS:
         return "loop"
     return "vmap"
+
+
+def param_numel(params: Any) -> int:
+    """The element count of every tensor in ``params`` (shapes only, no tensor op)."""
+    return sum(t.numel() for t in tree_leaves(params) if isinstance(t, Tensor))
 
 
 def unbatchable_param(params: Any) -> Optional[str]:
@@ -121,7 +140,7 @@ def plan(options: Options, batches: Sequence[Any], n: int, params: Any, memory: 
     """The strategy one call runs, the one place it is decided.
 
     An explicit strategy runs as given. ``"auto"``: ``"chunked"`` where a
-    ``chunk_size`` was given, else :func:`choose_strategy` from the shapes
+    ``chunk_size`` was given, else :func:`choose_strategy` from the shapes of the tasks and params
     (with ``randomness`` other than ``"error"`` only a single task loops, so
     that random draws stay vmap's); then the loop where vmap cannot run the
     function: a recurrent layer or ``spectral_norm`` among the params, or an
@@ -133,7 +152,8 @@ def plan(options: Options, batches: Sequence[Any], n: int, params: Any, memory: 
     if options.chunk_size is not None:
         chosen: Chosen = "chunked"
     else:
-        chosen = choose_strategy(n, task_numel(batches) if options.randomness == "error" else 0)
+        sized = options.randomness == "error"  # else only a single task loops (vmap's draws)
+        chosen = choose_strategy(n, task_numel(batches) if sized else 0, param_numel(params) if sized else 0)
     if chosen == "loop" or is_compiling():
         return chosen
     if memory.demoted is not None or unbatchable_param(params) is not None:
