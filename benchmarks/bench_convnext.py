@@ -98,7 +98,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
         said[name] = sorted({str(w.message).split("\n")[0][:160] for w in record})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        times = time_interleaved(steps, repeats=args.repeats, warmup=0, target_s=0.0, clock=CLOCKS[args.clock])
+        clock = CLOCKS[args.clock]
+        times = time_interleaved(steps, repeats=args.repeats, warmup=0, target_s=0.0, clock=clock)
     n_params = sum(p.numel() for p in net.parameters())
     print(
         f"ConvNeXt depths {args.depths} widths {args.widths}, {n_params / 1e6:.2f} M params, "

@@ -1,5 +1,5 @@
-"""Smoke runs of benchmarks/bench_resnet12.py and bench_lora.py at tiny sizes: every path runs and
-gets a row, and fparams' meta-gradient is higher's (no timing asserts)."""
+"""Smoke runs of benchmarks/bench_resnet12.py, bench_lora.py and bench_convnext.py at tiny sizes:
+every path runs and gets a row, and fparams' meta-gradient is higher's (no timing asserts)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,12 @@ def test_lora_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert {"fparams", "fparams_checkpoint", "fparams.MAML"} <= set(result)
     assert "MAML over LoRA" in out
+
+
+def test_convnext_quick_run_times_every_strategy(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    bench = load_benchmark("bench_convnext")
+    tiny = ["--depths", "1,1", "--widths", "4,8", "--image", "8", "--ways", "2", "--repeats", "1"]
+    times = bench.main(tiny)
+    assert set(times) == {"auto", "loop", "vmap"} and all(t > 0 for t in times.values())
+    assert "x loop" in capsys.readouterr().out
