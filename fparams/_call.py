@@ -12,7 +12,7 @@ import os
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -48,40 +48,62 @@ class BufferRead(NamedTuple):
     value: Tensor
 
 
-#: A thread's record of module buffers read, each once: ``id(tensor) -> BufferRead``.
-Reads = Dict[int, BufferRead]
-#: Per thread: where calls that read their module's own buffers (``buffers=None``) note them.
+class ReadLog:
+    """What the calls within :func:`module_reads` read: module buffers and the tensors computed with.
+
+    ``buffers``: every buffer an :class:`Architecture` call took from its
+    module (``buffers=None``), by ``id``, with its version and value at the
+    first read. ``used``: ids of tensors that fparams' own layers computed
+    with (:func:`note_used`, e.g. the running statistics an eval-mode
+    BatchNorm normalizes with under vmap).
+    """
+
+    __slots__ = ("buffers", "used")
+
+    def __init__(self) -> None:
+        self.buffers: Dict[int, BufferRead] = {}
+        self.used: Set[int] = set()
+
+
+#: Per thread: the active :class:`ReadLog`, if any.
 _READS = threading.local()
 
 
 @contextmanager
-def module_reads() -> Iterator[Reads]:
+def module_reads() -> Iterator[ReadLog]:
     """Within: every :class:`Architecture` call that uses its module's own buffers notes them.
 
     A checkpointed step (``adapt(checkpoint=True)``) needs them to recompute
-    exactly: a buffer the step only read (an eval-mode BatchNorm's running
-    statistics) is watched like its inputs, so an in-place change before the
-    recomputation raises; a buffer the step updated in place (a train-mode
-    BatchNorm's) is set back to its value at the first read for the
+    exactly: a buffer the step updated in place (a train-mode BatchNorm's
+    running statistics) is set back to its value at the first read for the
     recomputation and restored afterwards, so it is neither read wrong nor
-    updated twice.
+    updated twice; a buffer the step computed with and did not update (an
+    eval-mode BatchNorm's) is watched like the step's inputs.
     """
     outer = getattr(_READS, "log", None)
-    log: Reads = {}
+    log = ReadLog()
     _READS.log = log
     try:
         yield log
     finally:
         _READS.log = outer
         if outer is not None:
-            for key, read in log.items():
-                outer.setdefault(key, read)
+            for key, read in log.buffers.items():
+                outer.buffers.setdefault(key, read)
+            outer.used |= log.used
 
 
-def _note_module_buffers(module: nn.Module, names: FrozenSet[str], log: Reads) -> None:
+def note_used(*tensors: Optional[Tensor]) -> None:
+    """Within :func:`module_reads`: the step computed with these tensors (a no-op elsewhere)."""
+    log = getattr(_READS, "log", None)
+    if log is not None:
+        log.used.update(id(t) for t in tensors if t is not None)
+
+
+def _note_module_buffers(module: nn.Module, names: FrozenSet[str], log: ReadLog) -> None:
     for name, t in module.named_buffers():
-        if name in names and id(t) not in log:
-            log[id(t)] = BufferRead(t, name, version(t), t.detach().clone())
+        if name in names and id(t) not in log.buffers:
+            log.buffers[id(t)] = BufferRead(t, name, version(t), t.detach().clone())
 
 
 def _named(err: FparamsError) -> FparamsError:

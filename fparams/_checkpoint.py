@@ -113,15 +113,15 @@ class _Region:
     def run(self, buffers: Any) -> Any:
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack), module_reads() as reads:
             out = self.fn(*self.args, buffers)
-        # Buffers an architecture read from its module: the ones the step only read are inputs;
-        # the ones it updated in place are state, put back as they were for the recomputation.
-        # (torch's BatchNorm updates its running statistics without bumping their versions: values
-        # tell.) The values are kept: module buffers are small next to a step's activations.
-        known = {id(t) for t, _ in self.inputs}
-        for key, read in reads.items():
+        # Buffers an architecture read from its module: those the step updated in place are state,
+        # put back as they were for the recomputation (torch's BatchNorm updates its running
+        # statistics without bumping their versions: values tell); those it computed with (saved
+        # by autograd, or normalized with by fparams' layers) are watched like its inputs.
+        sources = {id(source) for source in self._sources()}
+        for key, read in reads.buffers.items():
             if version(read.tensor) != read.version or not torch.equal(read.tensor, read.value):
                 self.updated.append((read.tensor, read.value))
-            elif key not in known:
+            elif key in reads.used or key in sources:
                 label = f"the module's buffer {read.name!r} (read from the module, not passed as buffers=)"
                 self.read_only.append((read.tensor, label, read.version, read.value))
         # after the run: a change the step made itself is part of what it computed
@@ -133,6 +133,16 @@ class _Region:
                 source = saved.source() if saved.source is not None else None
                 saved.version = -1 if source is None else version(source)
         return out
+
+    def _sources(self) -> List[Tensor]:
+        """The tensors autograd saved for this step that are still alive."""
+        found = []
+        for ref in self.slots:
+            saved = ref()
+            source = None if saved is None or saved.source is None else saved.source()
+            if source is not None:
+                found.append(source)
+        return found
 
     def _pack(self, tensor: Tensor) -> _Saved:
         saved = _Saved(tensor)
@@ -203,9 +213,11 @@ class _Region:
 
 
 def _assign(pairs: Sequence[Tuple[Tensor, Tensor]]) -> None:
+    # Through .data: the values go back and forth around the recomputation, and a version bump
+    # would fail autograd's check in any other graph that saved the buffer (another task's pass).
     with torch.no_grad():
         for t, value in pairs:
-            t.copy_(value)
+            t.data.copy_(value)
 
 
 def _unpack_own(saved: _Saved) -> Tensor:

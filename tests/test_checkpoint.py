@@ -7,7 +7,7 @@ and against the hand-written inner loop (``ref_adapt``) where one applies.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -406,3 +406,59 @@ def test_running_statistics_moved_by_a_train_mode_forward_before_backward_raise(
         "the step ran (its values differ from those the step read)"
     )):
         loss.backward()
+
+
+def test_the_put_back_statistics_leave_other_graphs_valid() -> None:
+    # Found in review: setting the statistics back bumped their versions, so another task's pass
+    # that saved them (train-mode BatchNorm saves its running statistics) failed torch's check.
+    def two_tasks(checkpoint: bool) -> Tuple[Tuple[Tensor, ...], nn.Module]:
+        a, net, params = _bn_meta_loss(True, checkpoint)
+        arch = fparams.split(net)[0]
+        mse = lambda p, x, y: (arch(p, x) - y).pow(2).mean()  # noqa: E731
+        x, y = torch.randn(5, 2, dtype=torch.float64), torch.randn(5, 1, dtype=torch.float64)
+        second = mse(fparams.adapt(mse, params, x, y, lr=0.1, steps=2, checkpoint=checkpoint), x, y)
+        total = a + second
+        first = torch.autograd.grad(total, list(params.values()), retain_graph=True)
+        again = torch.autograd.grad(total, list(params.values()))  # the recomputation runs again
+        return first + again, net
+
+    want, plain_net = two_tasks(False)
+    got, net = two_tasks(True)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
+    for (name, t), (_, w) in zip(net.named_buffers(), plain_net.named_buffers()):
+        torch.testing.assert_close(t, w, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
+class PerStepNorm(nn.Module):
+    """MAML++'s per-step BatchNorm (step i normalizes with bns[i]) and a branch only the query runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(2, 4), nn.Linear(4, 1)
+        self.bns = nn.ModuleList(nn.BatchNorm1d(4) for _ in range(3))
+        self.aux = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+
+    def forward(self, x: Tensor, step: int = 0, query: bool = False) -> Tensor:
+        h = torch.tanh(self.bns[step](self.body(x)))
+        return self.head(h) + (self.aux(h) if query else 0)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_buffers_a_step_does_not_compute_with_are_not_watched(train: bool) -> None:
+    # Found in review: every module buffer was watched, so the later steps' (and the query's)
+    # legitimate updates of other layers' statistics raised a false error.
+    def run(checkpoint: bool) -> List[Tensor]:
+        torch.manual_seed(0)
+        net = PerStepNorm().double().train(train)
+        arch, params, _ = fparams.split(net)
+        x, y = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+        mse = lambda p, x, y, i: (arch(p, x, step=i) - y).pow(2).mean()  # noqa: E731
+        batches = [(x, y, i) for i in range(3)]
+        fast = fparams.adapt(mse, params, lr=0.1, steps=3, checkpoint=checkpoint, batches=batches)
+        loss = (arch(fast, x, step=2, query=True) - y).pow(2).mean()  # in train mode: moves aux's stats
+        return list(torch.autograd.grad(loss, list(params.values()), allow_unused=True))
+
+    for g, w in zip(run(True), run(False)):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .._call import note_used
 from .._checks import check_flag
 from .._errors import FparamsRuntimeError, public
 from .._grads import vmap_active
@@ -168,6 +169,8 @@ class exact_norms(TorchFunctionMode):
         # Batch or instance normalization, which may update running statistics.
         mean, var = stats
         own_stats = use_input_stats or self.batch_stats or mean is None or var is None
+        if not own_stats:  # normalizes with them: a checkpointed step watches them
+            note_used(mean, var)
         if own_stats and input.dim() >= 2 and values_per_channel(input, per_instance) == 1:
             raise one_value_error(_layer_name(per_instance), tuple(input.shape), per_instance)
         update = use_input_stats and not self.batch_stats and mean is not None and var is not None
