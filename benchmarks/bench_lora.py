@@ -88,7 +88,7 @@ def next_token_loss(logits: Tensor, ids: Tensor) -> Tensor:
 def meta_step(path: str, args: argparse.Namespace) -> Callable[[], Any]:
     model = build(args)
     support, query = tasks(args)
-    if path.startswith("fparams"):
+    if path in ("fparams", "fparams_checkpoint"):  # "fparams.MAML" is the learn2learn-style class
         return _fparams_step(model, support, query, args, path == "fparams_checkpoint")
     if path == "higher":
         return _higher_step(model, support, query, args)
