@@ -117,7 +117,7 @@ class _Region:
         # put back as they were for the recomputation (torch's BatchNorm updates its running
         # statistics without bumping their versions: values tell); those it computed with (saved
         # by autograd, or normalized with by fparams' layers) are watched like its inputs.
-        sources = {id(source) for source in self._sources()}
+        sources = {id(source) for _, source in self._sources()}
         for key, read in reads.buffers.items():
             if version(read.tensor) != read.version or not torch.equal(read.tensor, read.value):
                 self.updated.append((read.tensor, read.value))
@@ -134,14 +134,14 @@ class _Region:
                 saved.version = -1 if source is None else version(source)
         return out
 
-    def _sources(self) -> List[Tensor]:
-        """The tensors autograd saved for this step that are still alive."""
+    def _sources(self) -> List[Tuple[_Saved, Tensor]]:
+        """Each saved tensor of this step still referenced, with the tensor it was saved from, if alive."""
         found = []
         for ref in self.slots:
             saved = ref()
             source = None if saved is None or saved.source is None else saved.source()
-            if source is not None:
-                found.append(source)
+            if saved is not None and source is not None:
+                found.append((saved, source))
         return found
 
     def _pack(self, tensor: Tensor) -> _Saved:
@@ -167,10 +167,8 @@ class _Region:
         labels = {id(t): label for t, label in self.inputs}
         labels.update((id(t), label) for t, label, _, _ in self.read_only)
         state = {id(t) for t, _ in self.updated}  # updated by the steps themselves, put back
-        for ref in self.slots:  # every other tensor the step saved that is still alive
-            saved = ref()
-            source = None if saved is None or saved.source is None else saved.source()
-            if source is not None and saved is not None and saved.version >= 0 and id(source) not in state:
+        for saved, source in self._sources():  # every other tensor the step saved that is still alive
+            if saved.version >= 0 and id(source) not in state:
                 if version(source) != saved.version:
                     label = labels.get(
                         id(source),

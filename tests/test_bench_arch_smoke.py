@@ -66,8 +66,10 @@ def test_resnet12_quick_run_prints_every_row(capsys: pytest.CaptureFixture[str])
 
 
 @pytest.mark.parametrize("algo", ["maml", "anil"])
-def test_resnet12_fparams_and_higher_agree(algo: str) -> None:
-    pytest.importorskip("higher")
+@pytest.mark.parametrize("peer", ["higher", "learn2learn"])
+def test_resnet12_fparams_and_peer_agree(peer: str, algo: str) -> None:
+    # learn2learn 0.2 builds on Python <= 3.10 only: its cases run where it is installed
+    pytest.importorskip(peer)
     bench = load_benchmark("bench_resnet12")
     args = bench.parse(TINY_RESNET)
     torch.manual_seed(0)
@@ -75,23 +77,8 @@ def test_resnet12_fparams_and_higher_agree(algo: str) -> None:
     data = [t.double() if t.is_floating_point() else t for t in bench.episode(args)]
     head = str(len(net) - 1)
     _, grads = bench._fparams_step(net, data, algo, head, args, False)()
-    bench._higher_step(net, data, algo, args)()
-    for name, p in net.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name] * args.tasks, rtol=1e-9, atol=1e-12)
-
-
-@pytest.mark.parametrize("algo", ["maml", "anil"])
-def test_resnet12_fparams_and_learn2learn_agree(algo: str) -> None:
-    # learn2learn 0.2 builds on Python <= 3.10 only: this runs where it is installed
-    pytest.importorskip("learn2learn")
-    bench = load_benchmark("bench_resnet12")
-    args = bench.parse(TINY_RESNET)
-    torch.manual_seed(0)
-    net = bench.resnet12(args.width, args.ways).double()
-    data = [t.double() if t.is_floating_point() else t for t in bench.episode(args)]
-    head = str(len(net) - 1)
-    _, grads = bench._fparams_step(net, data, algo, head, args, False)()
-    bench._l2l_step(net, data, algo, args)()
+    peer_step = bench._higher_step if peer == "higher" else bench._l2l_step
+    peer_step(net, data, algo, args)()
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.grad, grads[name] * args.tasks, rtol=1e-9, atol=1e-12)
 

@@ -733,6 +733,34 @@ def test_per_task_running_statistics_match_plain_updates(case: Case, data: Any) 
     buffers_unchanged(d)
 
 
+@examples("running")
+@given(case=cases(("batchnorm",), routes=("map:loop",)), data=st.data())
+def test_module_held_running_statistics_match_plain_updates(case: Case, data: Any) -> None:
+    # No buffers=: adapt's steps update the module's own statistics in place, once per call, and a
+    # checkpointed step's recomputation in the backward pass must not update them again.
+    case.route, case.tasks, case.shots = "direct", 1, case.shots[:1]
+    case.steps = data.draw(st.integers(0, 3), "steps")
+    case.checkpoint = data.draw(st.booleans(), "checkpoint")
+    note(repr(case))
+    d = make_data(case)
+    net = d.family.module
+    arch = fparams.split(net)[0]
+    meta = {"net": {k: t.detach().clone() for k, t in net.named_parameters()}}
+    loss = lambda p, x, y: dm.mse(arch(p, x), y)  # noqa: E731
+    (xs, ys), (xq, yq) = d.support[0], d.query[0]
+    fresh = _fresh(meta)
+    fast = fparams.adapt(loss, fresh["net"], xs, ys, lr=0.1, steps=case.steps, checkpoint=case.checkpoint)
+    query = loss(fast, xq, yq)
+    query.backward()  # the recomputation runs here
+    want_losses, want_grads, means, variances = running_reference(case, d, meta)
+    assert_exact(query.detach(), want_losses[0])
+    assert_exact(net.get_buffer("norm.running_mean"), means[0], "running mean")
+    assert_exact(net.get_buffer("norm.running_var"), variances[0], "running variance")
+    assert int(net.get_buffer("norm.num_batches_tracked")) == case.steps + 1
+    for (k, t), w in zip(fresh["net"].items(), want_grads):
+        assert_exact(t.grad, w, f"meta-gradient of {k}")
+
+
 # --------------------------------------------------------------------------
 # iMAML: fparams.implicit.adapt against a dense Hessian solve
 # --------------------------------------------------------------------------
